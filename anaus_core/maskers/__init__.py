@@ -1,0 +1,1 @@
+"""Mask sources: labels, k-means, Felzenszwalb, vanilla SAM, LP-SAM (see ``build_masker``)."""

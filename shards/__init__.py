@@ -1,0 +1,1 @@
+"""On-disk training-data format: WebDataset tar shards, a zarr index and a manifest."""
