@@ -49,25 +49,495 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 # make-phantoms
 # ---------------------------------------------------------------------------------------------
 
+
+@app.command("make-phantoms")
+@user_errors
+def make_phantoms_command(
+    out: Path = typer.Argument(..., help="Output folder; gets img/<id>.png, label/<id>.png and label/<id>.json."),
+    count: int = typer.Option(24, "--count", "-n", help="Number of phantoms (>= 1)."),
+    size: int = typer.Option(256, "--size", "-s", help="Image side in pixels (32..4096)."),
+    seed: int = typer.Option(0, "--seed", help="Corpus seed (>= 0); phantom i depends only on (seed, i, size)."),
+) -> None:
+    """Write a synthetic B-mode ultrasound corpus with labelled structures (linear and sector probes).
+
+    Speckle from random scatterers, a depth-dependent point-spread function, envelope detection, attenuation with TGC and log compression.
+
+    Labels: 0 = background tissue (and outside the fan), 1..n = the structures named in label/<id>.json (cyst, hypo, hyper, layer).
+    """
+    from anaus_core.phantoms import make_phantom_corpus
+
+    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
+    typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
+
 # ---------------------------------------------------------------------------------------------
 # inspect-shard
 # ---------------------------------------------------------------------------------------------
+
+
+@app.command("inspect-shard")
+@user_errors
+def inspect_shard_command(
+    path: Path = typer.Argument(..., help="A shard (.tar) or a shard directory (shards + index.zarr + manifest.json)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary and validation result as JSON."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write a contact sheet: N samples with masks overlaid and their pyramid levels."),
+    samples: int = typer.Option(4, "--samples", "-n", min=1, help="Samples on the contact sheet."),
+) -> None:
+    """Summarise and validate shards (exit 1 when validation fails, 2 for unreadable input)."""
+    import json
+
+    from shards.inspect import inspect_path, render_text, write_contact_sheet
+
+    summary, kept = inspect_path(path, keep_samples=samples if png is not None else 0)
+    if png is not None:
+        write_contact_sheet(kept, png, title=str(path))
+        summary["contact_sheet"] = str(png)
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        from rich.console import Console
+
+        render_text(summary, Console())
+        if png is not None:
+            typer.echo(f"contact sheet: {png}")
+    if not summary["validation"]["ok"]:
+        errors = summary["validation"]["errors"]
+        first = next(p["text"] for p in summary["validation"]["problems"] if p["severity"] == "error")
+        typer.echo(f"error: validation failed ({errors} problem{'s' if errors != 1 else ''}; first: {first})", err=True)
+        raise typer.Exit(1)
+
 
 # ---------------------------------------------------------------------------------------------
 # precompute-masks
 # ---------------------------------------------------------------------------------------------
 
+
+def _parse_masker_options(values: Optional[list[str]]) -> dict:
+    """``key=value`` strings -> dict; values are parsed as YAML scalars (``300`` -> int)."""
+    import yaml
+
+    options = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--masker-option {item!r}: expected key=value")
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return options
+
+
+def _parse_scales(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        scales = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UserInputError(f"--scales {text!r}: expected comma-separated integers, e.g. 7,14,28,56") from None
+    if not scales:
+        raise UserInputError("--scales: empty")
+    return scales
+
+
+@app.command("precompute-masks")
+@user_errors
+def precompute_masks_command(
+    corpus: Optional[Path] = typer.Argument(None, help="Image folder (recursive), a media file, or a text list of paths."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: shards, index.zarr, manifest.json, cache/."),
+    masker: Optional[str] = typer.Option(None, help="Mask source: labels, kmeans, felzenszwalb, sam, lpsam (default felzenszwalb)."),
+    labels: Optional[Path] = typer.Option(None, help="Label folder mirroring the corpus (--masker labels)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="SAM / LP-SAM checkpoint (--masker sam|lpsam)."),
+    masker_option: Optional[list[str]] = typer.Option(None, "--masker-option", help="Masker option key=value (repeatable)."),
+    stored_size: Optional[int] = typer.Option(None, help="Short side of stored images in pixels (default 256)."),
+    every_nth_frame: Optional[int] = typer.Option(None, help="Keep every n-th video frame (default 1)."),
+    scales: Optional[str] = typer.Option(None, help="Pyramid scales, comma-separated (default 7,14,28,56)."),
+    min_area: Optional[int] = typer.Option(None, help="Drop masks smaller than this many pixels (default 16)."),
+    max_masks: Optional[int] = typer.Option(None, help="Keep at most this many masks per image, residual included (default 32)."),
+    samples_per_shard: Optional[int] = typer.Option(None, help="Mean samples per shard (default 1000)."),
+    workers: Optional[int] = typer.Option(None, help="Local worker processes (0 = in this process)."),
+    scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (tcp://host:8786)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per task and per masker call (default 8)."),
+    device: Optional[str] = typer.Option(None, help="Device for model maskers (cpu, cuda, cuda:1)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be recomputed per stage, write nothing."),
+    strict: bool = typer.Option(False, "--strict", help="Any skipped input fails the run (index left unchanged, exit 3)."),
+    gc: bool = typer.Option(False, "--gc", help="Delete cache entries the current corpus no longer uses."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PrecomputeConfig fields; options override it."),
+) -> None:
+    """Compute mask sets, pyramids and shards for a corpus; incremental and restartable.
+
+    Exit code 0: every input written; 1: some inputs skipped (listed in OUT/errors.jsonl);
+    2: bad options, missing corpus or OUT locked by another run; 3: --strict and something skipped.
+    """
+    from anaus_core.config import load_config
+    from pipeline.config import PrecomputeConfig
+    from pipeline.job import run_precompute
+    from pipeline.report import EXIT_STRICT_FAILURE
+
+    overrides = {
+        "corpus": str(corpus) if corpus is not None else None,
+        "out": str(out) if out is not None else None,
+        "masker": masker,
+        "labels": str(labels) if labels is not None else None,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "stored_size": stored_size,
+        "every_nth_frame": every_nth_frame,
+        "scales": _parse_scales(scales),
+        "min_area": min_area,
+        "max_masks": max_masks,
+        "samples_per_shard": samples_per_shard,
+        "workers": workers,
+        "scheduler": scheduler,
+        "batch_size": batch_size,
+        "device": device,
+        "dry_run": True if dry_run else None,
+        "strict": True if strict else None,
+        "gc": True if gc else None,
+        "progress": False if no_progress else None,
+    }
+    settings = load_config(PrecomputeConfig, config, overrides)
+    extra = _parse_masker_options(masker_option)
+    if extra:
+        settings.masker_options = {**settings.masker_options, **extra}
+    report = run_precompute(settings, show_report=True)
+    if report.exit_code == EXIT_STRICT_FAILURE:
+        raise fail(f"--strict: {report.skipped} input(s) skipped (see {Path(settings.out) / 'errors.jsonl'}); shards and index left unchanged", EXIT_STRICT_FAILURE)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
 # ---------------------------------------------------------------------------------------------
 # lpsam (sub-app: adapt, train-prompter, predict)
 # ---------------------------------------------------------------------------------------------
+
+lpsam_app = typer.Typer(
+    name="lpsam",
+    help="LP-SAM: adapt SAM to ultrasound (stage 1: adapters, stage 2: latent prompt engine) and predict mask sets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _lpsam_overrides(pairs: dict, extra: Optional[list[str]]) -> dict:
+    """Options given on the command line (not None) + ``--set key=value`` pairs (dotted keys)."""
+    overrides = {key: value for key, value in pairs.items() if value is not None}
+    for item in extra or []:
+        if "=" not in item:
+            raise UserInputError(f"--set {item}: expected KEY=VALUE, e.g. model.image_size=1024")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = __import__("yaml").safe_load(value)
+    return overrides
+
+
+_LPSAM_DATA_HELP = "Dataset folder with dataset.yaml (classes: {name: label value}) and img/ + label/ (repeatable)."
+
+
+@lpsam_app.command("adapt")
+@user_errors
+def lpsam_adapt_command(
+    data: Optional[list[Path]] = typer.Option(None, "--data", help=_LPSAM_DATA_HELP),
+    val_data: Optional[list[Path]] = typer.Option(None, "--val-data", help="Validation dataset folder (repeatable); default: hold out --val-fraction."),
+    sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="Official SAM checkpoint (e.g. sam_vit_b_01ec64.pth)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="SAM architecture: vit_b, vit_l, vit_h, tiny."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Encoder input size (1024 native; e.g. 256 with interpolated position embeddings)."),
+    adapter_placement: Optional[str] = typer.Option(None, "--adapter-placement", help="'all' blocks (paper) or 'global' attention blocks only (official code)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompts from the ground truth: box, point or box+point."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with AdaptConfig fields (options override it)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config field, dotted: --set model.bottleneck_ratio=0.125 (repeatable)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Stage 1: train bottleneck adapters in SAM's image encoder on image-mask pairs (SAM frozen)."""
+    from anaus_core.config import load_config
+    from anaus_core.lpsam.train import AdaptConfig, run_adapt
+
+    overrides = _lpsam_overrides(
+        {
+            "datasets": [str(p) for p in data] if data else None,
+            "val_datasets": [str(p) for p in val_data] if val_data else None,
+            "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None,
+            "out_dir": str(out) if out else None,
+            "model.spec": spec,
+            "model.image_size": image_size,
+            "model.adapter_placement": adapter_placement,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "alpha": alpha,
+            "prompt": prompt,
+            "device": device,
+            "resume": str(resume) if resume else None,
+            "progress": progress,
+        },
+        set_,
+    )
+    result = run_adapt(load_config(AdaptConfig, config, overrides))
+    typer.echo(f"stage 1 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+
+
+@lpsam_app.command("train-prompter")
+@user_errors
+def lpsam_train_prompter_command(
+    data: Optional[list[Path]] = typer.Option(None, "--data", help=_LPSAM_DATA_HELP),
+    val_data: Optional[list[Path]] = typer.Option(None, "--val-data", help="Validation dataset folder (repeatable)."),
+    sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="The base SAM checkpoint of stage 1 (sha256 checked)."),
+    adapter_checkpoint: Optional[Path] = typer.Option(None, "--adapter-checkpoint", help="Stage-1 checkpoint (best.pt of `anaus lpsam adapt`)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
+    train_decoder: Optional[bool] = typer.Option(None, "--train-decoder/--no-train-decoder", help="Also train SAM's mask decoder (the official code did; the paper freezes it). Off by default."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with PrompterConfig fields."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config field, dotted: --set model.engine_rounds=4 (repeatable)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Stage 2: train the latent prompt engine (one token group per class); SAM and adapters frozen."""
+    from anaus_core.config import load_config
+    from anaus_core.lpsam.train import PrompterConfig, run_train_prompter
+
+    overrides = _lpsam_overrides(
+        {
+            "datasets": [str(p) for p in data] if data else None,
+            "val_datasets": [str(p) for p in val_data] if val_data else None,
+            "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None,
+            "adapter_checkpoint": str(adapter_checkpoint) if adapter_checkpoint else None,
+            "out_dir": str(out) if out else None,
+            "train_decoder": train_decoder,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "alpha": alpha,
+            "device": device,
+            "resume": str(resume) if resume else None,
+            "progress": progress,
+        },
+        set_,
+    )
+    result = run_train_prompter(load_config(PrompterConfig, config, overrides))
+    typer.echo(f"stage 2 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+
+
+@lpsam_app.command("predict")
+@user_errors
+def lpsam_predict_command(
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 LP-SAM checkpoint."),
+    sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="The base SAM checkpoint it was trained on."),
+    out: Path = typer.Option(..., "--out", help="Output folder: <name>.npz + <name>.json per image, predictions.json."),
+    png: bool = typer.Option(False, "--png", help="Also write <name>_overlay.png."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (bf16 autocast on CUDA)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    threshold: float = typer.Option(0.5, "--threshold", help="Class-mask probability threshold."),
+    min_area: int = typer.Option(16, "--min-area", help="Minimum component / mask area in pixels."),
+    max_masks: int = typer.Option(32, "--max-masks", help="At most this many masks per image (residual included)."),
+    amg: bool = typer.Option(False, "--amg/--no-amg", help="Add SAM automatic-mask proposals from the adapted encoder."),
+    amg_points_per_side: int = typer.Option(16, "--amg-points-per-side"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Predict the mask set of each image (class components, optional AMG proposals, residual)."""
+    from anaus_core.lpsam.checkpoint import load_lpsam
+    from anaus_core.lpsam.export import collect_images, predict_files
+    from anaus_core.lpsam.predictor import LPSAMPredictor, PredictorOptions
+    from anaus_core.lpsam.train import resolve_device
+
+    files = collect_images(images)
+    model, _ = load_lpsam(checkpoint, sam_checkpoint=sam_checkpoint)
+    options = PredictorOptions(threshold=threshold, min_area=min_area, amg=amg, amg_points_per_side=amg_points_per_side)
+    predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, options=options)
+    summary = predict_files(predictor, files, out, png=png, max_masks=max_masks, progress=progress)
+    typer.echo(f"{len(summary)} images, {sum(len(r['masks']) for r in summary)} masks -> {out}")
+
+
+app.add_typer(lpsam_app, name="lpsam")
 
 # ---------------------------------------------------------------------------------------------
 # pretrain, export-encoder
 # ---------------------------------------------------------------------------------------------
 
+def _parse_set_options(values: Optional[list[str]]) -> dict:
+    """``--set section.key=value`` pairs -> override dict (values parsed as YAML scalars)."""
+    import yaml
+
+    overrides = {}
+    for item in values or []:
+        if "=" not in item:
+            raise UserInputError(f"--set {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return overrides
+
+
+def shard_data_source(config):
+    """The trainer's ``PretrainDataSource`` over ``config.data.shards`` (``shards.stream``)."""
+    import torch
+
+    from shards.stream import ShardDataSource
+
+    data = config.data
+    on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+    return ShardDataSource.open(data.shards, num_workers=data.num_workers, seed=config.run.seed,
+                                view_config=config.views, shuffle_buffer=data.shuffle_buffer,
+                                pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor)
+
+
+@app.command("pretrain")
+@user_errors
+def pretrain_command(
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard folder written by `anaus precompute-masks` (shards + index.zarr). Required unless the config or the resumed run names it."),
+    out: Path = typer.Option(..., "--out", help="Run folder: config.yaml, metrics.jsonl, loss_curve.png, checkpoints/, encoder.pt, fpn.pt."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps to train (wins over --epochs)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the shards (default 300 when --steps is not given)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimiser step, over all GPUs and accumulation steps (default 192). lr = base_lr x batch/256."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (CUDA when available)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML config (sections data/model/augment/optim/run); command-line options override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last.pt (its config, options on top)."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint file instead of --out/checkpoints/last.pt."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader workers per process (decode + geometry)."),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="View/crop side in pixels (default 224; multiple of 32)."),
+    masks_per_image: Optional[int] = typer.Option(None, "--masks-per-image", help="K: mask ids sampled per image (default 16)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Base learning rate before batch scaling (default 0.3)."),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up length in epochs (default 3)."),
+    accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", help="Micro-batches per optimiser step (gradient accumulation)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (never on CPU)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format on CUDA."),
+    sync_batchnorm: Optional[bool] = typer.Option(None, "--sync-batchnorm/--no-sync-batchnorm", help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the weights, the data order and every augmentation."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Optimiser steps between metrics.jsonl lines."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Optimiser steps between checkpoints (0: only at the end)."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar with images/s and ETA."),
+    set_values: Optional[list[str]] = typer.Option(None, "--set", help="Any config field, e.g. --set model.objective=byol --set optim.final_lr=0.001 (repeatable)."),
+) -> None:
+    """Pre-train a ResNet-FPN encoder with AnaUS on precomputed mask shards (torchrun for multi-GPU)."""
+    from anaus_core.config import load_config
+    from anaus_core.train import PretrainConfig, load_checkpoint, pretrain, resolve_resume_path
+
+    overrides = {
+        "data.shards": str(shards) if shards is not None else None,
+        "data.batch_size": batch_size, "data.num_workers": num_workers, "views.size": crop_size,
+        "views.num_mask_samples": masks_per_image, "optim.base_lr": lr, "optim.warmup_epochs": warmup_epochs,
+        "optim.accumulation_steps": accumulation_steps, "run.steps": steps, "run.epochs": epochs,
+        "run.device": device, "run.amp": amp, "run.channels_last": channels_last,
+        "model.sync_batchnorm": sync_batchnorm, "run.seed": seed, "run.log_every": log_every,
+        "run.checkpoint_every": checkpoint_every, "run.progress": progress,
+    }
+    overrides.update(_parse_set_options(set_values))
+    resume_arg = resume_from if resume_from is not None else (True if resume else None)
+    resume_path = resolve_resume_path(resume_arg, out)
+    if resume_path is not None and config_file is None:
+        # a resumed run keeps its own settings; options given now apply on top (e.g. more --steps)
+        from anaus_core.config import apply_overrides, _from_mapping
+
+        base = _from_mapping(PretrainConfig, load_checkpoint(resume_path)["config"], "")
+        config = apply_overrides(base, overrides)
+    else:
+        config = load_config(PretrainConfig, config_file, overrides)
+    if not config.data.shards:
+        raise UserInputError("--shards: no shard folder given (option or data.shards in --config)")
+    result = pretrain(config, out, data=shard_data_source(config), resume=resume_path)
+    if result.encoder_path is not None:
+        typer.echo(f"pretrain: {result.steps_done} steps; encoder -> {result.encoder_path}; loss curve -> {result.loss_curve}")
+    else:
+        typer.echo(f"pretrain: stopped at step {result.steps_done}/{result.total_steps}; checkpoint -> {result.last_checkpoint}")
+
+
+@app.command("export-encoder")
+@user_errors
+def export_encoder_command(
+    checkpoint: Path = typer.Argument(..., help="Pre-training checkpoint (RUN/checkpoints/last.pt or step-XXXXXX.pt)."),
+    out: Path = typer.Argument(..., help="Output folder for encoder.pt (torchvision ResNet state dict, no fc) and fpn.pt."),
+) -> None:
+    """Export the online encoder of a checkpoint as a torchvision ResNet state dict (+ FPN)."""
+    from anaus_core.train import export_encoder_from_checkpoint
+
+    encoder_path, fpn_path = export_encoder_from_checkpoint(checkpoint, out)
+    typer.echo(f"export-encoder: {encoder_path} (load into torchvision.models.resnet18() with strict=False, only fc.* missing), {fpn_path}")
+
+
 # ---------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------
+
+
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True) -> dict:
+    """The README demo, end to end on a machine without weights. Steps (each a library call):
+
+    1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
+    2. precompute: ``precompute-masks OUT/corpus/img --out OUT/shards`` with a weight-free
+       masker (``labels`` reads ``OUT/corpus/label``);
+    3. inspect: validate the shard directory, print its summary, write ``OUT/contact_sheet.png``.
+
+    Later steps (pre-training on ``OUT/shards``) append to the returned dict. Running the demo
+    again re-uses everything already computed (step 2 reports "nothing to do").
+    """
+    from rich.console import Console
+
+    from anaus_core.phantoms import make_phantom_corpus
+    from pipeline.config import PrecomputeConfig
+    from pipeline.job import run_precompute
+    from shards.inspect import inspect_path, render_text, write_contact_sheet
+
+    out = Path(out)
+    console = Console()
+    result: dict = {"out": out}
+
+    console.rule("1. phantom corpus")
+    corpus = out / "corpus"
+    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress)
+    result["corpus"] = corpus
+
+    console.rule(f"2. precompute-masks (--masker {masker})")
+    shards_dir = out / "shards"
+    config = PrecomputeConfig(
+        corpus=str(corpus / "img"),
+        out=str(shards_dir),
+        masker=masker,
+        labels=str(corpus / "label") if masker == "labels" else None,
+        stored_size=size,
+        samples_per_shard=max(4, count // 4),
+        progress=progress,
+    )
+    report = run_precompute(config, console=console, show_report=True)
+    if report.exit_code:
+        raise UserInputError(f"{shards_dir}: precompute-masks skipped {report.skipped} input(s) in the demo corpus (see errors.jsonl)")
+    result["shards"] = shards_dir
+    result["precompute_report"] = report
+
+    console.rule("3. inspect-shard")
+    summary, kept = inspect_path(shards_dir, keep_samples=4)
+    render_text(summary, console)
+    sheet = write_contact_sheet(kept, out / "contact_sheet.png", title=f"{shards_dir} ({masker})")
+    console.print(f"contact sheet: {sheet}")
+    if not summary["validation"]["ok"]:
+        raise UserInputError(f"{shards_dir}: demo shards failed validation")
+    result["inspect_summary"] = summary
+    result["contact_sheet"] = Path(sheet)
+    return result
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Path = typer.Argument(..., help="Output folder (corpus/, shards/, contact_sheet.png)."),
+    count: int = typer.Option(24, help="Phantom images to generate."),
+    size: int = typer.Option(128, help="Phantom size in pixels (also the stored size)."),
+    masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Run the README demo: phantoms -> precompute-masks -> inspect-shard (no weights needed)."""
+    if masker not in ("felzenszwalb", "kmeans", "labels"):
+        raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress)
+
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ class MaskSet:
     def areas(self) -> np.ndarray:
         """int64 (M,) pixel counts, computed once."""
         if self._areas is None:
-            self._areas = self.masks.reshape(len(self), -1).sum(axis=1).astype(np.int64)
+            self._areas = self.masks.sum(axis=(1, 2), dtype=np.int64)  # reshape(M, -1) fails for M == 0
         return self._areas
 
     def infos(self) -> list[MaskInfo]:

@@ -1,0 +1,577 @@
+"""The ``anaus pretrain`` loop: streaming batches -> device augmentation -> AnaUS losses -> LARS.
+
+One optimiser step::
+
+    for each of accumulation_steps micro-batches:
+        batch    = next(loader)                       # timed: data-wait
+        prepared = prepare_batch(batch, generator=g)  # photometric ops + mask unpacking on device
+        losses   = model(prepared, generator=g)       # bf16 autocast on CUDA only
+        (losses["loss"] / accumulation_steps).backward()   # DDP all-reduces on the last one
+    lr = cosine_schedule_with_warmup(step)   -> LARS step
+    model.update_target(cosine_momentum(step))          # EMA exactly once, after the step
+
+Randomness is keyed, not streamed: the generator of a micro-batch is seeded from
+``(seed, step, micro_step, rank)``, so a resumed run draws the same augmentations and damage as an
+uninterrupted one without replaying anything. The data stream is positioned by
+``{"epoch", "batches_done"}`` from the checkpoint.
+
+``anaus_core`` must not import ``shards``: the trainer receives a ``PretrainDataSource`` (the CLI
+builds one over ``shards.stream.build_pretrain_loader``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+
+import torch
+
+from anaus_core.config import config_to_dict, save_config
+from anaus_core.errors import UserInputError
+from anaus_core.train.checkpoint import (
+    CHECKPOINT_DIRNAME,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LAST_NAME,
+    capture_rng_state,
+    load_checkpoint,
+    resolve_resume_path,
+    restore_rng_state,
+    save_checkpoint,
+)
+from anaus_core.train.config import PretrainConfig, effective_base_lr, micro_batch_size, validate_config
+from anaus_core.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    teardown_distributed,
+)
+from anaus_core.train.metrics import MetricsWriter, WindowTimer
+from anaus_core.train.plots import plot_loss_curve
+
+ENCODER_FILENAME = "encoder.pt"
+FPN_FILENAME = "fpn.pt"
+LOSS_CURVE_FILENAME = "loss_curve.png"
+
+
+class PretrainDataSource(Protocol):
+    """What the trainer needs from the data side.
+
+    ``num_samples``: images in one epoch. ``loader(...)`` yields collated CPU batches (the
+    CONTRACTS.md pre-training batch) of ``batch_size`` images for ``rank`` of ``world_size``,
+    for ``epoch``, starting after ``skip_batches`` batches of that epoch. Every rank must see the
+    same number of batches (drop the ragged tail).
+    """
+
+    num_samples: int
+
+    def loader(self, *, epoch: int, skip_batches: int, batch_size: int, rank: int,
+               world_size: int) -> Iterable[Mapping[str, torch.Tensor]]: ...
+
+
+@dataclass
+class PretrainResult:
+    """What a finished (or stopped) run produced."""
+
+    run_dir: Path
+    steps_done: int
+    total_steps: int
+    records: list[dict[str, Any]] = field(default_factory=list)   # every metrics line this process logged
+    last_checkpoint: Path | None = None
+    encoder_path: Path | None = None
+    fpn_path: Path | None = None
+    loss_curve: Path | None = None
+    batches_seen: int = 0                                           # micro-batches this rank consumed
+    images_per_s: float = float("nan")                              # over the whole run, all ranks
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimiser-step bookkeeping derived from the data size and the config."""
+
+    micro_batch: int             # images per rank per micro-step
+    batches_per_epoch: int       # micro-batches per rank per epoch (drop_last)
+    steps_per_epoch: int         # optimiser steps per epoch
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+
+def make_schedule(config: PretrainConfig, num_samples: int, world_size: int) -> Schedule:
+    """Steps per epoch, total steps and warm-up steps; errors if an epoch is shorter than a step."""
+    micro = micro_batch_size(config, world_size)
+    batches_per_epoch = num_samples // (micro * world_size)
+    steps_per_epoch = batches_per_epoch // config.optim.accumulation_steps
+    if steps_per_epoch < 1:
+        raise UserInputError(
+            f"{config.data.shards or 'data'}: {num_samples} samples are fewer than one global batch "
+            f"of {config.data.batch_size}; lower --batch-size")
+    if config.run.steps is not None:
+        total = int(config.run.steps)
+    else:
+        epochs = 300.0 if config.run.epochs is None else float(config.run.epochs)
+        total = max(1, int(round(epochs * steps_per_epoch)))
+    if config.optim.warmup_steps is not None:
+        warmup = int(config.optim.warmup_steps)
+    else:
+        warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
+    warmup = max(0, min(warmup, total - 1)) if total > 1 else 0
+    return Schedule(micro, batches_per_epoch, steps_per_epoch, total, warmup, effective_base_lr(config))
+
+
+def micro_step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    """A 63-bit seed for one micro-batch, independent of how the run was split into sessions."""
+    digest = hashlib.blake2b(f"anaus/{seed}/{step}/{micro_step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+# -------------------------------------------------------------------------------------------
+# model / optimiser construction (SSL-core helper's APIs)
+# -------------------------------------------------------------------------------------------
+
+def build_model(config: PretrainConfig):
+    """``build_anaus_model(config.model)`` with the run seed applied first, so every rank
+    starts from identical weights."""
+    from anaus_core.models import build_anaus_model
+
+    torch.manual_seed(config.run.seed)
+    return build_anaus_model(config.model)
+
+
+def build_optimizer(model, config: PretrainConfig, peak_lr: float):
+    """LARS over the trainable parameters; biases and norm parameters get no weight decay and
+    no LARS adaptation (SPEC §6)."""
+    from anaus_core.optim import build_lars, param_groups_excluding_norm_and_bias
+
+    groups = param_groups_excluding_norm_and_bias(model, weight_decay=config.optim.weight_decay)
+    return build_lars(groups, lr=peak_lr, momentum=config.optim.sgd_momentum,
+                      weight_decay=config.optim.weight_decay, eta=config.optim.lars_eta)
+
+
+def learning_rate(step: int, schedule: Schedule, config: PretrainConfig) -> float:
+    from anaus_core.optim import cosine_schedule_with_warmup
+
+    return float(cosine_schedule_with_warmup(step, schedule.total_steps, schedule.warmup_steps,
+                                             schedule.peak_lr, config.optim.final_lr))
+
+
+def ema_momentum(step: int, schedule: Schedule, config: PretrainConfig) -> float:
+    from anaus_core.optim import cosine_momentum
+
+    return float(cosine_momentum(step, schedule.total_steps, base=config.optim.ema_base))
+
+
+def unwrap(model):
+    """The ``AnaUSModel`` inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def prepare_micro_batch(batch: Mapping[str, torch.Tensor], *, config: PretrainConfig, device: torch.device,
+                        generator: torch.Generator, channels_last: bool) -> dict[str, torch.Tensor]:
+    """Move a collated CPU batch to the device and run the batched photometric augmentation."""
+    from anaus_core.augment.device import prepare_batch
+
+    prepared = prepare_batch(batch, device=device, generator=generator, config=config.augment)
+    if channels_last:
+        prepared = {key: value.contiguous(memory_format=torch.channels_last)
+                    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
+                    and key in ("view1", "view2", "core") else value
+                    for key, value in prepared.items()}
+    return prepared
+
+
+def forward_losses(model, prepared: Mapping[str, torch.Tensor], *, generator: torch.Generator,
+                   device: torch.device, amp: bool) -> dict[str, torch.Tensor]:
+    """``model(prepared)`` under bf16 autocast when ``amp`` is on and the device is CUDA."""
+    use_amp = amp and device.type == "cuda"
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    with autocast:
+        losses = model(prepared, generator=generator)
+    if "loss" not in losses:
+        raise RuntimeError("the model's forward must return a dict with a 'loss' entry")
+    return losses
+
+
+# -------------------------------------------------------------------------------------------
+# the run
+# -------------------------------------------------------------------------------------------
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _check_run_dir(run_dir: Path, resume_path: Path | None) -> None:
+    last = run_dir / CHECKPOINT_DIRNAME / LAST_NAME
+    if resume_path is None and last.exists():
+        raise UserInputError(f"{run_dir}: already holds a run ({last}); pass --resume to continue it or choose a new --out")
+
+
+def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs.extend(_config_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+# Changing these mid-run would change the maths of the run being resumed, not just its length.
+_RESUME_LOCKED = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "views.", "augment.", "model.",
+                  "run.seed", "optim.accumulation_steps")
+
+
+def pretrain(config: PretrainConfig, out_dir: str | Path, *, data: PretrainDataSource,
+             resume: str | Path | bool | None = None, console=None,
+             stop_after_steps: int | None = None) -> PretrainResult:
+    """Run (or resume) a pre-training run into ``out_dir``; returns what it wrote.
+
+    Works in one process or under ``torchrun`` (the process group is created from the
+    environment and torn down at the end). ``stop_after_steps`` ends this session early —
+    checkpointing first — without changing the schedule (the resume test uses it to split one
+    run into two sessions).
+    """
+    context = init_distributed(config.run.device)
+    try:
+        return _pretrain(config, Path(out_dir), data=data, resume=resume, context=context,
+                         console=console, stop_after_steps=stop_after_steps)
+    finally:
+        teardown_distributed(context)
+
+
+def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource, resume, context: DistributedContext,
+              console, stop_after_steps: int | None) -> PretrainResult:
+    validate_config(config, world_size=context.world_size)
+    device = context.device
+    on_cuda = device.type == "cuda"
+    resume_path = resolve_resume_path(resume, run_dir) if context.is_main else None
+    resume_path = _broadcast_path(resume_path, context)
+    if context.is_main:
+        _check_run_dir(run_dir, resume_path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(context)
+
+    if config.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = not config.run.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    schedule = make_schedule(config, int(data.num_samples), context.world_size)
+    accumulation = config.optim.accumulation_steps
+
+    model = build_model(config)
+    if config.model.sync_batchnorm and context.distributed:
+        if not on_cuda:
+            raise UserInputError("model.sync_batchnorm: SyncBatchNorm needs CUDA devices (NCCL); turn it off for CPU runs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    use_channels_last = config.run.channels_last and on_cuda
+    if use_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config, schedule.peak_lr)
+
+    step, epoch, batches_done = 0, 0, 0
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path, map_location=device)
+        locked = [d for d in _config_differences(checkpoint.get("config", {}), config_to_dict(config))
+                  if d.startswith(_RESUME_LOCKED)]
+        if locked:
+            raise UserInputError(f"{resume_path}: cannot resume with a different " + "; ".join(locked))
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = int(checkpoint["step"])
+        epoch = int(checkpoint["data_state"]["epoch"])
+        batches_done = int(checkpoint["data_state"]["batches_done"])
+        restore_rng_state(checkpoint["rng"])
+        del checkpoint
+
+    if context.distributed:
+        ddp_kwargs = {"device_ids": [device.index]} if on_cuda else {}
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=_needs_unused_parameter_search(model), **ddp_kwargs)
+    else:
+        train_model = model
+    train_model.train()
+
+    if context.is_main:
+        save_config(config, run_dir / "config.yaml")
+    metrics = MetricsWriter(run_dir, enabled=context.is_main, tensorboard=config.run.tensorboard,
+                            resume_step=step if resume_path is not None else None)
+    result = PretrainResult(run_dir=run_dir, steps_done=step, total_steps=schedule.total_steps)
+    end_step = schedule.total_steps if stop_after_steps is None else min(schedule.total_steps, int(stop_after_steps))
+    progress = _Progress(enabled=context.is_main and config.run.progress, total=schedule.total_steps,
+                         start=step, console=console)
+
+    global_images_per_step = config.data.batch_size
+    window = WindowTimer()
+    run_start, run_start_step = time.perf_counter(), step
+    batches: Iterator | None = None
+    last_checkpoint: Path | None = None
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    try:
+        with progress:
+            while step < end_step:
+                if batches_done >= schedule.steps_per_epoch * accumulation:
+                    epoch, batches_done, batches = epoch + 1, 0, None
+                if batches is None:
+                    batches = iter(data.loader(epoch=epoch, skip_batches=batches_done, batch_size=schedule.micro_batch,
+                                               rank=context.rank, world_size=context.world_size))
+                optimizer.zero_grad(set_to_none=True)
+                step_losses: dict[str, torch.Tensor] = {}
+                for micro in range(accumulation):
+                    wait_start = time.perf_counter()
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        raise RuntimeError(
+                            f"data stream ended after {batches_done} batches of epoch {epoch}; expected "
+                            f"{schedule.batches_per_epoch} (the loader must drop ragged tails equally on every rank)") from None
+                    window.add_wait(time.perf_counter() - wait_start)
+                    batches_done += 1
+                    result.batches_seen += 1
+                    generator = make_generator(device, micro_step_seed(config.run.seed, step, micro, context.rank))
+                    prepared = prepare_micro_batch(batch, config=config, device=device, generator=generator,
+                                                   channels_last=use_channels_last)
+                    sync = (micro == accumulation - 1) or not context.distributed
+                    with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                        losses = forward_losses(train_model, prepared, generator=generator, device=device,
+                                                amp=config.run.amp)
+                        (losses["loss"] / accumulation).backward()
+                    for key, value in losses.items():
+                        if key.startswith("loss") and isinstance(value, torch.Tensor):
+                            step_losses[key] = step_losses.get(key, 0.0) + value.detach().float() / accumulation
+
+                lr = learning_rate(step, schedule, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if config.optim.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+                optimizer.step()
+                momentum = ema_momentum(step, schedule, config)
+                model.update_target(momentum)
+                step += 1
+                window.add_step(global_images_per_step)
+                progress.advance(step, window)
+
+                if step % config.run.log_every == 0 or step == end_step:
+                    record = _log_record(step, epoch, step_losses, lr, momentum, window, context, device)
+                    if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss")):
+                        metrics.log(record)
+                        raise RuntimeError(f"non-finite loss at step {step}: "
+                                           + json.dumps({k: v for k, v in record.items() if k.startswith("loss")}))
+                    metrics.log(record)
+                    result.records.append(record)
+                    progress.show_loss(record.get("loss"))
+                    window.reset()
+
+                at_end = step == end_step
+                if at_end or (config.run.checkpoint_every and step % config.run.checkpoint_every == 0):
+                    last_checkpoint = _save(model, optimizer, config, schedule, step, epoch, batches_done,
+                                            run_dir, context, keep_step_file=config.run.keep_step_checkpoints)
+    finally:
+        metrics.close()
+        batches = None
+
+    result.steps_done = step
+    result.last_checkpoint = last_checkpoint
+    elapsed = time.perf_counter() - run_start
+    if step > run_start_step and elapsed > 0:
+        result.images_per_s = (step - run_start_step) * global_images_per_step / elapsed
+    if context.is_main:
+        curve = run_dir / LOSS_CURVE_FILENAME
+        result.loss_curve = plot_loss_curve(run_dir / "metrics.jsonl", curve)
+        if step >= schedule.total_steps:
+            result.encoder_path, result.fpn_path = export_encoder(model, run_dir)
+        _write_summary(run_dir, result, schedule, context, config)
+    barrier(context)
+    return result
+
+
+def _needs_unused_parameter_search(model) -> bool:
+    """Ablations that switch a loss term off leave its head without gradients; DDP must then
+    search for unused parameters (a small cost, so only when needed)."""
+    flag = getattr(model, "has_unused_parameters", None)
+    return bool(flag() if callable(flag) else flag) if flag is not None else False
+
+
+def _broadcast_path(path: Path | None, context: DistributedContext) -> Path | None:
+    from anaus_core.train.distributed import broadcast_object
+
+    value = broadcast_object(str(path) if path is not None else None, context)
+    return Path(value) if value is not None else None
+
+
+def _log_record(step: int, epoch: int, step_losses: Mapping[str, torch.Tensor], lr: float, momentum: float,
+                window: WindowTimer, context: DistributedContext, device: torch.device) -> dict[str, Any]:
+    names = sorted(step_losses)
+    record: dict[str, Any] = {"step": step, "epoch": epoch}
+    if names:
+        stacked = torch.stack([step_losses[name].reshape(()) for name in names])
+        reduced = all_reduce_mean(stacked, context).cpu().tolist()
+        record.update({name: float(value) for name, value in zip(names, reduced)})
+    timing = window.summary()
+    if context.distributed:
+        # rank-averaged wait fraction: the slowest loader is what a user needs to see, but the
+        # mean is what is comparable between 1 and N ranks; log both.
+        waits = torch.tensor([timing["data_wait_fraction"]], dtype=torch.float64)
+        record["data_wait_fraction_max"] = float(_all_reduce_max(waits, context))
+        timing["data_wait_fraction"] = float(all_reduce_mean(waits, context))
+    record.update({"lr": lr, "momentum": momentum, **timing, "peak_rss_mb": _peak_rss_mb(),
+                   "rss_mb": _current_rss_mb()})
+    if device.type == "cuda":
+        record["cuda_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return record
+
+
+def _all_reduce_max(value: torch.Tensor, context: DistributedContext) -> float:
+    import torch.distributed as dist
+
+    reduced = value.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return float(reduced.item())
+
+
+def checkpoint_payload(model, optimizer, config: PretrainConfig, schedule: Schedule, step: int, epoch: int,
+                       batches_done: int) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "data_state": {"epoch": epoch, "batches_done": batches_done},
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,
+                      "peak_lr": schedule.peak_lr, "final_lr": config.optim.final_lr,
+                      "steps_per_epoch": schedule.steps_per_epoch, "ema_base": config.optim.ema_base},
+        "rng": capture_rng_state(),
+        "config": config_to_dict(config),
+    }
+
+
+def _save(model, optimizer, config, schedule, step, epoch, batches_done, run_dir, context, *, keep_step_file) -> Path | None:
+    path = None
+    if context.is_main:
+        payload = checkpoint_payload(model, optimizer, config, schedule, step, epoch, batches_done)
+        path = save_checkpoint(payload, run_dir / CHECKPOINT_DIRNAME, step=step, keep_step_file=keep_step_file)
+    barrier(context)
+    return path
+
+
+def export_encoder(model, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``encoder.pt`` (torchvision ResNet state dict without ``fc.*``) and ``fpn.pt`` (the
+    online FPN's state dict) into ``out_dir``."""
+    from anaus_core.models import export_encoder_state_dict, export_fpn_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    encoder_path, fpn_path = out_dir / ENCODER_FILENAME, out_dir / FPN_FILENAME
+    torch.save({k: v.detach().cpu() for k, v in export_encoder_state_dict(model).items()}, encoder_path)
+    torch.save({k: v.detach().cpu() for k, v in export_fpn_state_dict(model).items()}, fpn_path)
+    return encoder_path, fpn_path
+
+
+def export_encoder_from_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """Rebuild the model from a checkpoint's own config, load its weights, export the encoder."""
+    from anaus_core.config import _from_mapping
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = _from_mapping(PretrainConfig, checkpoint["config"], "")
+    model = build_model(config)
+    model.load_state_dict(checkpoint["model"])
+    return export_encoder(model, out_dir)
+
+
+def _write_summary(run_dir: Path, result: PretrainResult, schedule: Schedule, context: DistributedContext,
+                   config: PretrainConfig) -> None:
+    summary = {
+        "steps_done": result.steps_done,
+        "total_steps": schedule.total_steps,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "warmup_steps": schedule.warmup_steps,
+        "peak_lr": schedule.peak_lr,
+        "global_batch": config.data.batch_size,
+        "micro_batch_per_rank": schedule.micro_batch,
+        "world_size": context.world_size,
+        "device": str(context.device),
+        "images_per_s_this_session": result.images_per_s,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "encoder": str(result.encoder_path) if result.encoder_path else None,
+        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class _Progress:
+    """rich progress bar over optimiser steps with images/s, data-wait and ETA (main rank only)."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int, console=None) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._progress = Progress(
+            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>8} img/s"), TextColumn("wait {task.fields[wait]}"),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False)
+        self._task = self._progress.add_task("pretrain", total=total, completed=start, rate="-", wait="-", loss="-")
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, step: int, window: WindowTimer) -> None:
+        if self._progress is None:
+            return
+        summary = window.summary()
+        self._progress.update(self._task, completed=step, rate=f"{summary['images_per_s']:.1f}",
+                              wait=f"{100 * summary['data_wait_fraction']:.0f}%")
+
+    def show_loss(self, loss: float | None) -> None:
+        if self._progress is not None and loss is not None:
+            self._progress.update(self._task, loss=f"{loss:.4f}")

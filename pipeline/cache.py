@@ -1,0 +1,189 @@
+"""Content-addressed stage cache under ``DIR/cache``: atomic entries, cheap metadata reads.
+
+Layout: ``DIR/cache/<stage>/<fp[:2]>/<fp>.bin``; failures of a sample at a stage are cached
+as ``DIR/cache/failed/<stage>/<fp[:2]>/<fp>.json`` so a re-run with nothing changed does not
+decode a known-bad file again (it still reports it).
+
+Each entry is one file written to a temporary name in the same directory, fsynced and renamed,
+so a run killed at any moment leaves either a complete entry or none (plus a temp file that
+:func:`clean_stale_temps` removes at the next start). A re-run that finds an entry does not
+recompute it: that is how a killed job resumes without redoing completed work.
+
+Entry format (hand-written because the planner must read a few hundred bytes of metadata from
+thousands of entries per second without decoding payloads, which ``npz``/zip or pickle cannot
+do cheaply): ``MAGIC (8 bytes) | u32 header length | header JSON | payload sections``. The
+header holds ``meta`` (any JSON) and the name, offset and size of each binary section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+MAGIC = b"ANAUSC01"
+TEMP_MARK = ".tmp-"
+STAGES = ("ingest", "mask", "pyramid", "pack")
+
+
+class CacheEntryError(Exception):
+    """A cache entry exists but cannot be read (damaged); the caller recomputes it."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    Temporary names contain ``.tmp-`` and never end in ``.tar``, so they are never taken for
+    shards or entries.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def encode_entry(meta: Mapping[str, Any], sections: Mapping[str, bytes]) -> bytes:
+    offset = 0
+    table = []
+    for name, blob in sections.items():
+        table.append({"name": name, "offset": offset, "size": len(blob)})
+        offset += len(blob)
+    header = json.dumps({"meta": dict(meta), "sections": table}, separators=(",", ":")).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *sections.values()])
+
+
+def _parse_header(data: bytes, path: Path) -> tuple[dict, int]:
+    if len(data) < 12 or data[:8] != MAGIC:
+        raise CacheEntryError(f"{path}: not a cache entry")
+    (length,) = struct.unpack("<I", data[8:12])
+    if len(data) < 12 + length:
+        raise CacheEntryError(f"{path}: truncated header")
+    try:
+        header = json.loads(data[12 : 12 + length])
+    except ValueError:
+        raise CacheEntryError(f"{path}: damaged header") from None
+    return header, 12 + length
+
+
+def decode_entry(data: bytes, path: Path | str = "<bytes>") -> tuple[dict, dict[str, bytes]]:
+    header, start = _parse_header(data, Path(path))
+    sections = {}
+    for item in header["sections"]:
+        begin = start + item["offset"]
+        blob = data[begin : begin + item["size"]]
+        if len(blob) != item["size"]:
+            raise CacheEntryError(f"{path}: truncated section {item['name']}")
+        sections[item["name"]] = blob
+    return header["meta"], sections
+
+
+class StageCache:
+    """The content-addressed store of one output directory (``root`` = ``DIR/cache``)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- paths ------------------------------------------------------------------------------
+    def path(self, stage: str, fp: str) -> Path:
+        return self.root / stage / fp[:2] / f"{fp}.bin"
+
+    def failure_path(self, stage: str, fp: str) -> Path:
+        return self.root / "failed" / stage / fp[:2] / f"{fp}.json"
+
+    # -- entries ----------------------------------------------------------------------------
+    def has(self, stage: str, fp: str) -> bool:
+        return self.path(stage, fp).is_file()
+
+    def put(self, stage: str, fp: str, meta: Mapping[str, Any], sections: Mapping[str, bytes]) -> int:
+        """Store an entry atomically; returns its size in bytes."""
+        data = encode_entry(meta, sections)
+        atomic_write_bytes(self.path(stage, fp), data)
+        return len(data)
+
+    def get(self, stage: str, fp: str) -> tuple[dict, dict[str, bytes]]:
+        path = self.path(stage, fp)
+        return decode_entry(path.read_bytes(), path)
+
+    def get_meta(self, stage: str, fp: str, *, probe_bytes: int = 4096) -> dict:
+        """Only the JSON metadata of an entry (reads the header, not the payload)."""
+        path = self.path(stage, fp)
+        with open(path, "rb") as handle:
+            data = handle.read(probe_bytes)
+            if len(data) >= 12 and data[:8] == MAGIC:
+                (length,) = struct.unpack("<I", data[8:12])
+                if 12 + length > len(data):
+                    data += handle.read(12 + length - len(data))
+        header, _ = _parse_header(data, path)
+        return header["meta"]
+
+    # -- cached failures --------------------------------------------------------------------
+    def put_failure(self, stage: str, fp: str, record: Mapping[str, Any]) -> None:
+        atomic_write_bytes(self.failure_path(stage, fp), json.dumps(dict(record)).encode(), fsync=False)
+
+    def get_failure(self, stage: str, fp: str) -> dict | None:
+        try:
+            return json.loads(self.failure_path(stage, fp).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    # -- maintenance ------------------------------------------------------------------------
+    def garbage_collect(self, referenced: Mapping[str, Iterable[str]]) -> tuple[int, int]:
+        """Delete entries (and cached failures) of ``stage`` whose fingerprint is not in
+        ``referenced[stage]``; stages missing from ``referenced`` are left alone.
+        Returns (files removed, bytes freed)."""
+        removed = freed = 0
+        for stage, fps in referenced.items():
+            keep = set(fps)
+            for base in (self.root / stage, self.root / "failed" / stage):
+                if not base.is_dir():
+                    continue
+                for path in base.glob("*/*"):
+                    fp = path.name.split(".", 1)[0]
+                    if fp not in keep:
+                        freed += path.stat().st_size
+                        path.unlink()
+                        removed += 1
+        return removed, freed
+
+
+def clean_stale_temps(directory: str | Path, *, recursive: bool = True) -> int:
+    """Remove temporary files and folders left by a killed run (names containing ``.tmp-``,
+    e.g. a half-written shard ``.shard-x.tar.tmp-…`` or index ``.index.zarr.tmp-…``). Only call
+    it while holding the output directory's lock, so no live writer's temp is removed."""
+    import shutil
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for folder, dirs, files in os.walk(directory):
+        for name in list(dirs):
+            if TEMP_MARK in name:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+                dirs.remove(name)
+                removed += 1
+        for name in files:
+            if TEMP_MARK in name:
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        if not recursive:
+            break
+    return removed

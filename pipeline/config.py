@@ -1,0 +1,48 @@
+"""``PrecomputeConfig``: every setting of ``anaus precompute-masks`` (YAML-loadable, CLI overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+DEFAULT_SCALES = [7, 14, 28, 56]
+
+
+@dataclass
+class PrecomputeConfig:
+    """Settings of one precompute job.
+
+    Which settings feed which stage fingerprint (so what a change re-runs) is listed in
+    docs/precompute.md: ``stored_size``/``every_nth_frame`` -> ingest and everything after;
+    masker, its options and checkpoint, ``min_area``/``max_masks``/``add_residual`` -> mask
+    onwards; ``scales`` -> pyramid onwards; ``samples_per_shard`` -> pack only. Execution
+    settings (workers, scheduler, batch size, device, progress) change no output.
+    """
+
+    corpus: str = ""
+    out: str = ""
+    # -- mask source -----------------------------------------------------------------------
+    masker: str = "felzenszwalb"
+    labels: Optional[str] = None  # label folder for --masker labels (default: beside the images)
+    checkpoint: Optional[str] = None  # SAM / LP-SAM checkpoint for --masker sam|lpsam
+    masker_options: dict[str, Any] = field(default_factory=dict)
+    # -- ingest ----------------------------------------------------------------------------
+    stored_size: int = 256
+    every_nth_frame: int = 1
+    # -- mask finalisation -------------------------------------------------------------------
+    min_area: int = 16
+    max_masks: int = 32
+    add_residual: bool = True
+    # -- pyramid and packing -----------------------------------------------------------------
+    scales: list[int] = field(default_factory=lambda: list(DEFAULT_SCALES))
+    samples_per_shard: int = 1000
+    # -- execution (changes no output) ---------------------------------------------------------
+    workers: int = 0  # 0: in this process; N >= 1: N local worker processes
+    scheduler: Optional[str] = None  # dask.distributed scheduler address, e.g. tcp://host:8786
+    batch_size: int = 8  # samples per task (and per masker call)
+    device: str = "cpu"
+    # -- behaviour -----------------------------------------------------------------------------
+    strict: bool = False
+    dry_run: bool = False
+    gc: bool = False
+    progress: bool = True

@@ -1,0 +1,192 @@
+"""Stage fingerprints of the precompute job and a stat cache for source hashes.
+
+Every stage output is keyed by a sha256 over canonical JSON of everything that determines it:
+
+    ingest_fp  = H("ingest",  source sha256, ingest options,              INGEST_CODE_VERSION)
+    mask_fp    = H("mask",    ingest_fp, frame, masker fingerprint,
+                              per-sample masker inputs (e.g. label sha256),
+                              finalize options,                           MASK_CODE_VERSION)
+    pyramid_fp = H("pyramid", mask_fp, scales,                            PYRAMID_CODE_VERSION)
+    shard_fp   = H("pack",    ordered (key, pyramid_fp, ingest_fp) of members,
+                              pack options,                               PACK_CODE_VERSION)
+
+The chain is Merkle-style: a change upstream changes every fingerprint downstream, and a change
+of a stage's own options changes that stage and what follows, never what precedes it. Anything
+that cannot be turned into canonical JSON raises ``TypeError`` instead of falling back to a
+random or ``repr``-based key (the HF datasets #4521 pitfall: silent recompute-everything).
+
+Bump a ``*_CODE_VERSION`` by hand whenever the output of that stage changes for the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+INGEST_CODE_VERSION = 1
+MASK_CODE_VERSION = 1
+PYRAMID_CODE_VERSION = 1
+PACK_CODE_VERSION = 1
+
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def _canonical(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"cannot fingerprint non-finite float {value!r}")
+        # Integral floats and ints hash alike (an option given as 1 or 1.0 means the same).
+        return int(value) if value.is_integer() else repr(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        keys = list(value)
+        if not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"cannot fingerprint a mapping with non-string keys: {keys!r}")
+        return {k: _canonical(value[k]) for k in sorted(keys)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
+        return _canonical(value.item())  # numpy scalar
+    raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}: {value!r}")
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted-key, whitespace-free JSON of ``value``; raises ``TypeError`` for anything else."""
+    return json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(value: Any) -> str:
+    """sha256 hex of the canonical JSON of ``value``."""
+    return hashlib.sha256(canonical_json(value).encode("ascii")).hexdigest()
+
+
+def ingest_fingerprint(*, source_sha256: str, options: Mapping[str, Any]) -> str:
+    return fingerprint({"stage": "ingest", "source_sha256": source_sha256, "options": dict(options), "code": INGEST_CODE_VERSION})
+
+
+def mask_fingerprint(
+    *,
+    ingest_fp: str,
+    frame: int | None,
+    masker_fingerprint: Mapping[str, Any],
+    sample_inputs: Mapping[str, Any],
+    finalize_options: Mapping[str, Any],
+) -> str:
+    return fingerprint(
+        {
+            "stage": "mask",
+            "ingest": ingest_fp,
+            "frame": frame,
+            "masker": dict(masker_fingerprint),
+            "sample_inputs": dict(sample_inputs),
+            "finalize": dict(finalize_options),
+            "code": MASK_CODE_VERSION,
+        }
+    )
+
+
+def pyramid_fingerprint(*, mask_fp: str, scales: Iterable[int]) -> str:
+    return fingerprint({"stage": "pyramid", "mask": mask_fp, "scales": [int(s) for s in scales], "code": PYRAMID_CODE_VERSION})
+
+
+def shard_fingerprint(members: Iterable[tuple[str, str, str]], options: Mapping[str, Any]) -> str:
+    """``members``: ordered (key, pyramid_fp, ingest_fp) of the samples the shard holds.
+
+    The ingest fingerprint is included because the shard stores the image, which the pyramid
+    fingerprint already implies through the mask fingerprint; it is kept explicit so the shard
+    identity stays right even if a later code version decouples the two.
+    """
+    return fingerprint({"stage": "pack", "members": [list(m) for m in members], "options": dict(options), "code": PACK_CODE_VERSION})
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class _StatEntry:
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+    hashed_at_ns: int
+
+
+class StatCache:
+    """path -> sha256, trusted only while (size, mtime_ns, inode) are unchanged.
+
+    Re-hashing every source on every run would make a no-op run over a large corpus I/O bound;
+    this is the same trade-off git's index makes. Like git's "racy" check, an entry whose mtime
+    is within ``racy_window_ns`` of the moment it was hashed is not trusted (the file may have
+    been rewritten within the filesystem's timestamp granularity), so it is re-hashed next time.
+
+    The cache is a JSON file written atomically by :meth:`save`; losing it (crash before save)
+    only costs re-hashing.
+    """
+
+    def __init__(self, path: str | Path | None, *, racy_window_ns: int = 2_000_000_000) -> None:
+        self.path = Path(path) if path is not None else None
+        self.racy_window_ns = racy_window_ns
+        self._entries: dict[str, _StatEntry] = {}
+        self.hashed = 0
+        self.reused = 0
+        self._dirty = False
+        if self.path is not None and self.path.exists():
+            try:
+                raw = json.loads(self.path.read_text())
+                self._entries = {k: _StatEntry(*v) for k, v in raw.get("entries", {}).items()}
+            except (ValueError, TypeError, OSError):
+                self._entries = {}  # a damaged stat cache is only a lost optimisation
+
+    def sha256(self, path: str | Path) -> str:
+        """sha256 of the file's bytes, from the cache when its stat is unchanged."""
+        path = os.fspath(path)
+        stat = os.stat(path)
+        entry = self._entries.get(path)
+        if (
+            entry is not None
+            and entry.size == stat.st_size
+            and entry.mtime_ns == stat.st_mtime_ns
+            and entry.inode == stat.st_ino
+            and stat.st_mtime_ns < entry.hashed_at_ns - self.racy_window_ns
+        ):
+            self.reused += 1
+            return entry.sha256
+        hashed_at = time.time_ns()
+        digest = file_sha256(path)
+        self._entries[path] = _StatEntry(stat.st_size, stat.st_mtime_ns, stat.st_ino, digest, hashed_at)
+        self.hashed += 1
+        self._dirty = True
+        return digest
+
+    def save(self, keep: Iterable[str] | None = None) -> None:
+        """Write the cache atomically; ``keep`` (paths) drops entries of files no longer used."""
+        if self.path is None:
+            return
+        if keep is not None:
+            keep_set = {os.fspath(p) for p in keep}
+            before = len(self._entries)
+            self._entries = {k: v for k, v in self._entries.items() if k in keep_set}
+            self._dirty |= len(self._entries) != before
+        if not self._dirty:
+            return
+        data = {"version": 1, "entries": {k: [v.size, v.mtime_ns, v.inode, v.sha256, v.hashed_at_ns] for k, v in self._entries.items()}}
+        from pipeline.cache import atomic_write_bytes
+
+        atomic_write_bytes(self.path, json.dumps(data, separators=(",", ":")).encode())
+        self._dirty = False

@@ -1,0 +1,579 @@
+"""The ``precompute-masks`` job: plan, run the stage chain where needed, pack, index, report.
+
+Order of one run (all under ``DIR/.lock``):
+
+1. discover sources; hash them (stat cache); compute every fingerprint the cache lets us
+   compute without running a stage;
+2. ``--dry-run``: print per stage what would be computed and stop;
+3. send every source with missing entries through ingest -> mask -> pyramid on the executor
+   (in-process, local processes or dask), in batches;
+4. sort the samples by key, cut them into shards at content-defined boundaries, name every
+   shard by the fingerprint of its members and write the shards that do not exist yet (one
+   task per shard: each shard is written once, atomically);
+5. write the index + manifest if the shard list changed (commit point), then delete shards
+   the new index no longer names; write ``errors.jsonl`` and ``report.json``.
+
+A kill at any point leaves the cache with complete entries only, shards that are complete
+under their final names, and the previous (or the new) index intact; the next run reuses all
+of it. See docs/precompute.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from anaus_core.errors import UserInputError
+from pipeline.cache import CacheEntryError, StageCache, clean_stale_temps
+from pipeline.config import PrecomputeConfig
+from pipeline.executors import make_executor
+from pipeline.faults import fault_point
+from pipeline.fingerprint import (
+    INGEST_CODE_VERSION,
+    MASK_CODE_VERSION,
+    PACK_CODE_VERSION,
+    PYRAMID_CODE_VERSION,
+    StatCache,
+    canonical_json,
+    fingerprint,
+    ingest_fingerprint,
+    mask_fingerprint,
+    pyramid_fingerprint,
+    shard_fingerprint,
+)
+from pipeline.ingest import make_key
+from pipeline.lock import OutputLock
+from pipeline.report import EXIT_OK, EXIT_SKIPPED, EXIT_STRICT_FAILURE, PrecomputeReport, StageProgress, render_report, write_errors
+from pipeline.stages import (
+    ErrorRecord,
+    MaskerSpec,
+    SampleRef,
+    ShardTask,
+    SourceTask,
+    StageSettings,
+    TaskResult,
+    get_masker,
+    image_meta,
+    remember_masker,
+    run_source_batch,
+    sample_inputs,
+    shard_info_from_dict,
+    write_shard_task,
+)
+
+CACHE_DIR = "cache"
+ERRORS_NAME = "errors.jsonl"
+REPORT_NAME = "report.json"
+STAT_CACHE_NAME = "stat-cache.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard assignment
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
+def assign_shards(sorted_keys: Sequence[str], samples_per_shard: int) -> list[list[int]]:
+    """Cut key-sorted samples into shards at content-defined boundaries.
+
+    A shard ends after key k when it holds at least ``samples_per_shard // 2`` samples and
+    ``hash(k) % ceil(samples_per_shard / 2) == 0``, or when it reaches ``2 * samples_per_shard``.
+    The mean size is about ``samples_per_shard``. Because cut points depend on the keys
+    themselves (not on positions), adding, removing or editing a few samples changes only the
+    shards that hold them (plus, rarely, a neighbour until the cuts re-align at the next
+    hash-chosen boundary); every other shard keeps its exact membership and so its name.
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    if samples_per_shard == 1:
+        return [[i] for i in range(len(sorted_keys))]
+    min_size = max(1, samples_per_shard // 2)
+    modulus = max(1, samples_per_shard - min_size)
+    max_size = 2 * samples_per_shard
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for position, key in enumerate(sorted_keys):
+        current.append(position)
+        if len(current) >= max_size or (len(current) >= min_size and _key_hash(key) % modulus == 0):
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def shard_name(shard_fp: str) -> str:
+    return f"shard-{shard_fp[:16]}.tar"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourcePlan:
+    task: SourceTask
+    status: str  # "ready": every entry cached; "failed": cached failure; "run": needs the executor
+    samples: list[SampleRef]
+    frames_known: int = 0
+    masks_missing: int = 0
+    pyramids_missing: int = 0
+    error: ErrorRecord | None = None
+
+
+def _masker_options(config: PrecomputeConfig) -> dict[str, Any]:
+    options = dict(config.masker_options)
+    if config.labels is not None:
+        options["labels_dir"] = str(Path(config.labels).resolve())
+    if config.checkpoint is not None:
+        options["checkpoint"] = str(Path(config.checkpoint).resolve())
+    options.setdefault("device", config.device)
+    options.setdefault("batch_size", config.batch_size)
+    return options
+
+
+def _check_config(config: PrecomputeConfig) -> None:
+    if not config.corpus:
+        raise UserInputError("precompute-masks: no corpus given")
+    if not config.out:
+        raise UserInputError("precompute-masks: no output directory given (--out DIR)")
+    if not config.scales or any(int(s) < 1 for s in config.scales):
+        raise UserInputError(f"--scales: must be positive integers, got {config.scales}")
+    if len(set(config.scales)) != len(config.scales):
+        raise UserInputError(f"--scales: repeated scale in {config.scales}")
+    for name in ("samples_per_shard", "batch_size", "every_nth_frame", "max_masks"):
+        if int(getattr(config, name)) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(config, name)}")
+    if config.workers < 0:
+        raise UserInputError(f"--workers: must be >= 0, got {config.workers}")
+    if config.stored_size is not None and config.stored_size < 1:
+        raise UserInputError(f"--stored-size: must be >= 1, got {config.stored_size}")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out}: --out exists and is not a directory")
+    corpus = Path(config.corpus).resolve()
+    if out.resolve() == corpus or corpus in out.resolve().parents:
+        # Shards inside the corpus would be discovered as sources on the next run.
+        pass
+
+
+def _index_fingerprints(settings: StageSettings, masker_fp: dict, config: PrecomputeConfig) -> dict[str, str]:
+    return {
+        "ingest": fingerprint({"options": dict(settings.ingest_options), "code": INGEST_CODE_VERSION}),
+        "mask": fingerprint({"masker": masker_fp, "finalize": dict(settings.finalize_options), "code": MASK_CODE_VERSION}),
+        "pyramid": fingerprint({"scales": list(settings.scales), "code": PYRAMID_CODE_VERSION}),
+        "pack": fingerprint({"samples_per_shard": config.samples_per_shard, "code": PACK_CODE_VERSION}),
+        "masker": str(masker_fp.get("name", config.masker)),
+    }
+
+
+def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings) -> SourcePlan:
+    if not cache.has("ingest", task.ingest_fp):
+        failure = cache.get_failure("ingest", task.ingest_fp)
+        if failure is not None:
+            return SourcePlan(task, "failed", [], error=ErrorRecord(task.relpath, "ingest", failure["reason"]))
+        return SourcePlan(task, "run", [])
+    try:
+        meta = cache.get_meta("ingest", task.ingest_fp)
+    except (CacheEntryError, OSError, ValueError):
+        return SourcePlan(task, "run", [])
+    plan = SourcePlan(task, "ready", [], frames_known=len(meta["frames"]))
+    masker_fp = masker.fingerprint()
+    for index, frame_meta in enumerate(meta["frames"]):
+        frame = frame_meta["frame"]
+        key = make_key(task.relpath, frame)
+        imeta = image_meta(key, task.relpath, frame, frame_meta["original_size"], task.path)
+        try:
+            inputs = sample_inputs(masker, imeta)
+        except Exception:  # the worker records the reason
+            plan.status = "run"
+            plan.masks_missing += 1
+            plan.pyramids_missing += 1
+            continue
+        mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, masker_fingerprint=masker_fp, sample_inputs=inputs, finalize_options=settings.finalize_options)
+        pyramid_fp = pyramid_fingerprint(mask_fp=mask_fp, scales=settings.scales)
+        has_mask = cache.has("mask", mask_fp)
+        has_pyramid = cache.has("pyramid", pyramid_fp)
+        if not has_mask:
+            plan.masks_missing += 1
+        if not has_pyramid:
+            plan.pyramids_missing += 1
+        if not (has_mask and has_pyramid):
+            plan.status = "run"
+            continue
+        plan.samples.append(
+            SampleRef(
+                key=key, relpath=task.relpath, frame=frame, index_in_source=index, source_sha256=task.source_sha256,
+                ingest_fp=task.ingest_fp, mask_fp=mask_fp, pyramid_fp=pyramid_fp, original_size=tuple(frame_meta["original_size"]),
+            )
+        )
+    if plan.status == "run":
+        plan.samples = []
+    return plan
+
+
+def _batches(items: Sequence, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def run_precompute(config: PrecomputeConfig, *, client=None, console=None, show_report: bool | None = None) -> PrecomputeReport:
+    """Run (or, with ``config.dry_run``, plan) the precompute job; returns its report.
+
+    ``client``: an existing ``distributed.Client`` to run on (tests pass a LocalCluster's);
+    otherwise ``config.scheduler`` / ``config.workers`` choose the executor.
+    Raises ``UserInputError`` for bad options, a missing corpus or a locked output directory.
+    A skipped input is not an exception: see ``report.errors`` and ``report.exit_code``.
+    """
+    _check_config(config)
+    started = time.perf_counter()
+    out_dir = Path(config.out)
+    show = config.progress if show_report is None else show_report
+    lock = OutputLock(out_dir)
+    if config.dry_run and not out_dir.exists():
+        lock = None  # nothing to protect and nothing to create
+    if lock is not None:
+        lock.acquire()
+    try:
+        report = _run_locked(config, out_dir, client=client, started=started)
+    finally:
+        if lock is not None:
+            lock.release()
+    if show:
+        render_report(report, console)
+    return report
+
+
+def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: float) -> PrecomputeReport:
+    from anaus_core.maskers import build_masker
+    from pipeline.ingest import discover_sources
+    from pipeline.ingest import ingest_fingerprint as ingest_options_of
+
+    report = PrecomputeReport(out_dir=str(out_dir), dry_run=config.dry_run)
+    cache_root = out_dir / CACHE_DIR
+    cache = StageCache(cache_root)
+    if not config.dry_run:
+        clean_stale_temps(out_dir)
+
+    sources = discover_sources(config.corpus)
+    report.sources = len(sources)
+
+    masker_options = _masker_options(config)
+    masker = build_masker(config.masker, **masker_options)
+    masker_fp = masker.fingerprint()
+    spec = MaskerSpec(name=config.masker, options_json=canonical_json(masker_options), fingerprint_json=canonical_json(masker_fp))
+    ingest_options = ingest_options_of(stored_size=config.stored_size, every_nth_frame=config.every_nth_frame)
+    settings = StageSettings(
+        cache_root=str(cache_root.resolve()),
+        stored_size=config.stored_size,
+        every_nth_frame=config.every_nth_frame,
+        ingest_options=ingest_options,
+        finalize_options={"min_area": config.min_area, "max_masks": config.max_masks, "add_residual": config.add_residual},
+        scales=tuple(int(s) for s in config.scales),
+        batch_size=config.batch_size,
+        masker=spec,
+    )
+
+    # -- 1. plan ------------------------------------------------------------------------------
+    plan_start = time.perf_counter()
+    stat_cache = StatCache(cache_root / STAT_CACHE_NAME if not config.dry_run else None)
+    if config.dry_run and (cache_root / STAT_CACHE_NAME).exists():
+        stat_cache = StatCache(cache_root / STAT_CACHE_NAME)  # read it, never save it
+    errors: list[ErrorRecord] = []
+    plans: list[SourcePlan] = []
+    hash_start = time.perf_counter()
+    for source in sources:
+        path = os.fspath(Path(source.path).resolve())
+        try:
+            digest = stat_cache.sha256(path)
+        except FileNotFoundError:
+            errors.append(ErrorRecord(source.relpath, "ingest", "file not found"))
+            report.stages["ingest"].failed += 1
+            continue
+        except OSError as exc:
+            errors.append(ErrorRecord(source.relpath, "ingest", f"cannot read file ({exc.strerror or exc})"))
+            report.stages["ingest"].failed += 1
+            continue
+        task = SourceTask(path=path, relpath=source.relpath, source_sha256=digest, ingest_fp=ingest_fingerprint(source_sha256=digest, options=ingest_options))
+        plans.append(_plan_source(task, cache, masker, settings))
+    report.source_hash_seconds = time.perf_counter() - hash_start
+    report.sources_hashed = stat_cache.hashed
+    report.plan_seconds = time.perf_counter() - plan_start
+
+    if config.dry_run:
+        _dry_run_plan(report, plans, errors, config, cache, out_dir)
+        report.errors = [e.to_dict() for e in errors]
+        report.wall_seconds = time.perf_counter() - started
+        return report
+
+    # -- 2. run the stage chain where something is missing ----------------------------------
+    samples: list[SampleRef] = []
+    to_run: list[SourceTask] = []
+    for plan in plans:
+        if plan.status == "ready":
+            samples.extend(plan.samples)
+            for stage in ("ingest", "mask", "pyramid"):
+                report.stages[stage].reused += len(plan.samples)
+        elif plan.status == "failed":
+            errors.append(plan.error)
+            report.stages["ingest"].failed += 1
+        else:
+            to_run.append(plan.task)
+
+    executor = None
+    with StageProgress(config.progress) as progress:
+        progress.add("ingest", len(sources), "files")
+        progress.add("mask", None)
+        progress.add("pyramid", None)
+        progress.advance("ingest", len(sources) - len(to_run))
+        known = len(samples)
+        progress.set_total("mask", known + sum(1 for _ in to_run))
+        progress.set_total("pyramid", known + len(to_run))
+        progress.advance("mask", known)
+        progress.advance("pyramid", known)
+        if to_run:
+            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
+            report.workers = executor.workers
+            report.executor = type(executor).__name__.replace("Executor", "").lower()
+            if report.executor == "serial":
+                remember_masker(spec, masker)
+            expected_samples = known + len(to_run)
+            processes: set[str] = set()
+            for result in executor.imap_unordered(run_source_batch, ((batch, settings) for batch in _batches(to_run, config.batch_size))):
+                _merge(report, result)
+                processes.add(result.process)
+                report.task_processes = len(processes)
+                samples.extend(result.samples)
+                errors.extend(result.errors)
+                produced = len(result.samples) + sum(1 for e in result.errors if e.stage != "ingest")
+                expected_samples += produced - result.sources_done
+                progress.set_total("mask", max(expected_samples, known))
+                progress.set_total("pyramid", max(expected_samples, known))
+                progress.advance("ingest", result.sources_done)
+                progress.advance("mask", produced)
+                progress.advance("pyramid", len(result.samples))
+        # -- 3. pack ------------------------------------------------------------------------
+        samples = _drop_duplicate_keys(samples, errors)
+        samples.sort(key=lambda ref: ref.key)
+        report.samples = len(samples)
+        report.errors = [e.to_dict() for e in sorted(errors, key=lambda e: (e.path, e.stage, e.key or ""))]
+        shard_fps = None
+        if config.strict and errors:
+            report.exit_code = EXIT_STRICT_FAILURE
+        else:
+            try:
+                shard_fps = _pack_and_index(report, samples, settings, config, cache, out_dir, masker_fp, executor, client, progress)
+            finally:
+                if executor is not None:
+                    executor.close()
+                    executor = None
+    if executor is not None:
+        executor.close()
+
+    stat_cache.save(keep=[p.task.path for p in plans])
+    if config.gc:
+        removed, _freed = cache.garbage_collect(_referenced(plans, samples, shard_fps))
+        report.cache_removed = removed
+    write_errors(out_dir / ERRORS_NAME, report.errors)
+    if report.exit_code == EXIT_OK and report.errors:
+        report.exit_code = EXIT_SKIPPED
+    report.wall_seconds = time.perf_counter() - started
+    report.save(out_dir / REPORT_NAME)
+    return report
+
+
+def _merge(report: PrecomputeReport, result: TaskResult) -> None:
+    for stage, tally in result.tallies.items():
+        summary = report.stages[stage]
+        summary.computed += tally.computed
+        summary.reused += tally.reused
+        summary.failed += tally.failed
+        summary.seconds += tally.seconds
+    report.masker_seconds += result.masker_seconds
+    report.bytes_written += result.cache_bytes_written
+
+
+def _drop_duplicate_keys(samples: list[SampleRef], errors: list[ErrorRecord]) -> list[SampleRef]:
+    """Two sources mapping to one key (should not happen with ``make_key``): keep the first by
+    path, skip the other with a reason, so the index never holds a key twice."""
+    by_key: dict[str, SampleRef] = {}
+    for ref in sorted(samples, key=lambda r: (r.key, r.relpath)):
+        if ref.key in by_key:
+            errors.append(ErrorRecord(ref.relpath, "pack", f"sample key {ref.key!r} already used by {by_key[ref.key].relpath}", ref.key))
+            continue
+        by_key[ref.key] = ref
+    return list(by_key.values())
+
+
+def _shard_plan(samples: Sequence[SampleRef], settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, tuple[SampleRef, ...]]]:
+    """(shard fingerprint, shard file name, members) in key order."""
+    pack_options = {"scales": list(settings.scales)}
+    planned = []
+    for group in assign_shards([s.key for s in samples], config.samples_per_shard):
+        members = tuple(samples[i] for i in group)
+        shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in members), pack_options)
+        planned.append((shard_fp, shard_name(shard_fp), members))
+    return planned
+
+
+def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: str):
+    path = out_dir / name
+    if not path.is_file() or not cache.has("pack", shard_fp):
+        return None
+    try:
+        info = shard_info_from_dict(cache.get_meta("pack", shard_fp, probe_bytes=1 << 16))
+    except (CacheEntryError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if info.name != name or path.stat().st_size != info.size:
+        return None
+    return info
+
+
+def _pack_and_index(report, samples, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> None:
+    from shards.index import INDEX_NAME, read_manifest, write_index
+
+    pack_start = time.perf_counter()
+    planned = _shard_plan(samples, settings, config)
+    infos: dict[str, Any] = {}
+    to_write: list[ShardTask] = []
+    for shard_fp, name, members in planned:
+        info = _existing_shard_info(cache, out_dir, shard_fp, name)
+        if info is not None:
+            infos[name] = info
+            report.shards_reused += 1
+        else:
+            to_write.append(ShardTask(str(out_dir), name, shard_fp, members, settings.cache_root, settings.scales))
+    progress.add("pack", len(planned), "shards")
+    progress.advance("pack", report.shards_reused)
+    if to_write:
+        own_executor = executor is None
+        if own_executor:
+            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
+        try:
+            for result in executor.imap_unordered(write_shard_task, ((task,) for task in to_write)):
+                infos[result.info.name] = result.info
+                report.shards_written += 1
+                report.bytes_written += result.info.size
+                progress.advance("pack", 1)
+        finally:
+            if own_executor:
+                executor.close()
+    ordered = [infos[name] for _, name, _ in planned]
+    report.shard_bytes_total = sum(info.size for info in ordered)
+    names = [info.name for info in ordered]
+    index_fps = _index_fingerprints(settings, masker_fp, config)
+
+    # -- commit: the index names exactly the current shards --------------------------------
+    unchanged = False
+    if (out_dir / "manifest.json").is_file() and (out_dir / INDEX_NAME).is_dir():
+        try:
+            manifest = read_manifest(out_dir)
+            unchanged = (
+                [s["name"] for s in manifest["shards"]] == names
+                and [s["sha256"] for s in manifest["shards"]] == [i.sha256 for i in ordered]
+                and manifest.get("fingerprints") == index_fps
+                and list(manifest.get("scales", [])) == list(settings.scales)
+                and _index_matches_manifest(out_dir, manifest)
+            )
+        except UserInputError:
+            unchanged = False
+    if not unchanged:
+        fault_point("index")
+        write_index(out_dir, ordered, scales=settings.scales, fingerprints=index_fps)
+        report.index_written = True
+    fault_point("cleanup")
+    current = set(names)
+    for path in sorted(out_dir.glob("*.tar")):
+        if path.name not in current:
+            path.unlink()
+            report.shards_removed += 1
+    report.pack_seconds = time.perf_counter() - pack_start
+    return {shard_fp for shard_fp, _, _ in planned}
+
+
+def _index_matches_manifest(out_dir: Path, manifest: dict) -> bool:
+    import json
+
+    from shards.index import INDEX_NAME
+
+    try:
+        attrs = json.loads((out_dir / INDEX_NAME / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get("index_id") == manifest.get("index_id")
+
+
+def _referenced(plans: Sequence[SourcePlan], samples: Sequence[SampleRef], shard_fps: set[str] | None) -> dict[str, set[str]]:
+    referenced = {"ingest": {p.task.ingest_fp for p in plans}, "mask": {s.mask_fp for s in samples}, "pyramid": {s.pyramid_fp for s in samples}}
+    if shard_fps is not None:
+        referenced["pack"] = shard_fps
+    return referenced
+
+
+def _dry_run_plan(report: PrecomputeReport, plans: Sequence[SourcePlan], errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path) -> None:
+    from pipeline.ingest import make_key
+
+    stages = {s: {"compute": 0, "reuse": 0, "failed": 0} for s in ("ingest", "mask", "pyramid")}
+    stages["ingest"]["failed"] = sum(1 for e in errors if e.stage == "ingest")
+    not_ingested = 0
+    for plan in plans:
+        if plan.status == "failed":
+            stages["ingest"]["failed"] += 1
+            errors.append(plan.error)
+        elif plan.frames_known == 0 and plan.status == "run":
+            not_ingested += 1
+            stages["ingest"]["compute"] += 1
+        else:
+            stages["ingest"]["reuse"] += plan.frames_known
+            stages["mask"]["compute"] += plan.masks_missing
+            stages["mask"]["reuse"] += plan.frames_known - plan.masks_missing
+            stages["pyramid"]["compute"] += plan.pyramids_missing
+            stages["pyramid"]["reuse"] += plan.frames_known - plan.pyramids_missing
+    # Sources not ingested yet: one sample each for single images (their frames are unknown
+    # until decoded; videos and multi-frame files may hold more).
+    stages["mask"]["compute"] += not_ingested
+    stages["pyramid"]["compute"] += not_ingested
+    existing = {p.name for p in out_dir.glob("*.tar")} if out_dir.is_dir() else set()
+    known_keys = {s.key for p in plans for s in p.samples}
+    unknown_keys = {make_key(p.task.relpath) for p in plans if p.status == "run"}
+    all_keys = sorted(known_keys | unknown_keys)
+    groups = assign_shards(all_keys, config.samples_per_shard)
+    ready = {s.key: s for p in plans for s in p.samples}
+    to_write = 0
+    current = set()
+    for group in groups:
+        members = [ready.get(all_keys[i]) for i in group]
+        if any(m is None for m in members):
+            to_write += 1
+            continue
+        shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in members), {"scales": [int(s) for s in config.scales]})
+        name = shard_name(shard_fp)
+        current.add(name)
+        if name in existing and cache.has("pack", shard_fp):
+            continue
+        to_write += 1
+    stages_out = dict(stages)
+    stages_out["pack (shards)"] = {"compute": to_write, "reuse": len(groups) - to_write, "failed": 0}
+    remove = len(existing - current) if to_write == 0 else "some"
+    summary = (
+        f"would compute ingest {stages['ingest']['compute']} file(s), mask {stages['mask']['compute']}, "
+        f"pyramid {stages['pyramid']['compute']} sample(s), write {to_write} of {len(groups)} shard(s)"
+        + (f" (+ frames of {not_ingested} file(s) not ingested yet)" if not_ingested else "")
+    )
+    if to_write == 0 and stages["mask"]["compute"] == 0 and stages["pyramid"]["compute"] == 0 and stages["ingest"]["compute"] == 0:
+        summary = "nothing to recompute" + (f"; {remove} stale shard(s) would be removed" if remove else "")
+    report.samples = len(all_keys)
+    report.dry_run_plan = {"stages": stages_out, "summary": summary, "not_ingested": not_ingested, "shards_to_write": to_write, "shards": len(groups)}

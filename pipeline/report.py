@@ -1,0 +1,184 @@
+"""What a precompute run did: per-stage counts, shards, bytes, errors, time; progress bars.
+
+The report is returned by ``run_precompute``, written to ``DIR/report.json`` and printed as a
+rich table. Errors go to ``DIR/errors.jsonl`` (one JSON object per skipped input: path, stage,
+reason, key when known), rewritten by every run so it lists exactly this run's skips.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.cache import atomic_write_bytes
+
+STAGE_ORDER = ("ingest", "mask", "pyramid")
+
+EXIT_OK = 0
+EXIT_SKIPPED = 1
+EXIT_STRICT_FAILURE = 3
+
+
+@dataclass
+class StageSummary:
+    computed: int = 0
+    reused: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class PrecomputeReport:
+    out_dir: str
+    dry_run: bool = False
+    sources: int = 0
+    samples: int = 0  # samples in the index after the run (or that would be, for a dry run)
+    stages: dict[str, StageSummary] = field(default_factory=lambda: {s: StageSummary() for s in STAGE_ORDER})
+    shards_written: int = 0
+    shards_reused: int = 0
+    shards_removed: int = 0
+    pack_seconds: float = 0.0
+    bytes_written: int = 0  # shards + cache entries written by this run
+    shard_bytes_total: int = 0  # size of every shard the index names
+    index_written: bool = False
+    masker_seconds: float = 0.0  # time inside masker calls (summed over workers)
+    source_hash_seconds: float = 0.0
+    sources_hashed: int = 0
+    plan_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    cache_removed: int = 0
+    workers: int = 1
+    task_processes: int = 0  # distinct processes that ran stage tasks (host:pid)
+    executor: str = "serial"
+    dry_run_plan: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = EXIT_OK
+
+    @property
+    def skipped(self) -> int:
+        return len(self.errors)
+
+    @property
+    def did_no_work(self) -> bool:
+        return all(s.computed == 0 for s in self.stages.values()) and self.shards_written == 0 and self.shards_removed == 0 and not self.index_written
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped"] = self.skipped
+        data["did_no_work"] = self.did_no_work
+        return data
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode(), fsync=False)
+
+    def summary_line(self) -> str:
+        if self.dry_run:
+            return f"dry run: {self.dry_run_plan.get('summary', '')}"
+        if self.did_no_work:
+            head = f"nothing to do: {self.samples} samples in {self.shards_reused} shards are up to date"
+        else:
+            computed = ", ".join(f"{name} {s.computed}" for name, s in self.stages.items())
+            head = (
+                f"{self.samples} samples in {self.shards_written + self.shards_reused} shards "
+                f"(computed: {computed}; shards written {self.shards_written}, reused {self.shards_reused}, removed {self.shards_removed})"
+            )
+        tail = f"; {self.skipped} input(s) skipped, see {Path(self.out_dir) / 'errors.jsonl'}" if self.skipped else "; no input skipped"
+        return f"{head}{tail}; {self.wall_seconds:.1f} s"
+
+
+def write_errors(path: str | Path, errors: Iterable[dict[str, Any]]) -> None:
+    lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors)
+    atomic_write_bytes(path, lines.encode(), fsync=False)
+
+
+def render_report(report: PrecomputeReport, console=None) -> None:
+    """Print the per-stage table and the summary line (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="precompute-masks" + (" (dry run: would compute)" if report.dry_run else ""), show_edge=False)
+    table.add_column("stage")
+    table.add_column("computed" if not report.dry_run else "to compute", justify="right")
+    table.add_column("reused", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("time (s)", justify="right")
+    if report.dry_run:
+        for stage, row in report.dry_run_plan.get("stages", {}).items():
+            table.add_row(stage, str(row["compute"]), str(row["reuse"]), str(row.get("failed", 0)), "")
+    else:
+        for stage, summary in report.stages.items():
+            table.add_row(stage, str(summary.computed), str(summary.reused), str(summary.failed), f"{summary.seconds:.2f}")
+        table.add_row("pack (shards)", str(report.shards_written), str(report.shards_reused), "", f"{report.pack_seconds:.2f}")
+    console.print(table)
+    if not report.dry_run:
+        console.print(
+            f"shards removed {report.shards_removed}; bytes written {_human(report.bytes_written)}; "
+            f"shards total {_human(report.shard_bytes_total)}; masker time {report.masker_seconds:.2f} s; "
+            f"executor {report.executor} ({report.workers} worker(s)); wall {report.wall_seconds:.2f} s"
+        )
+    for error in report.errors[:10]:
+        console.print(f"  skipped {error['path']} [{error['stage']}]: {error['reason']}", markup=False, highlight=False)
+    if len(report.errors) > 10:
+        console.print(f"  ... and {len(report.errors) - 10} more in errors.jsonl")
+    console.print(report.summary_line(), markup=False, highlight=False)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+class StageProgress:
+    """One rich progress bar per stage (samples/s, ETA); a no-op when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "StageProgress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description:<8}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def add(self, stage: str, total: int | None, unit: str = "samples") -> None:
+        if self._progress is not None:
+            self._tasks[stage] = self._progress.add_task(stage, total=total, rate="", unit=unit)
+
+    def set_total(self, stage: str, total: int) -> None:
+        if self._progress is not None and stage in self._tasks:
+            self._progress.update(self._tasks[stage], total=total)
+
+    def advance(self, stage: str, amount: int) -> None:
+        if self._progress is not None and stage in self._tasks and amount:
+            task_id = self._tasks[stage]
+            self._progress.advance(task_id, amount)
+            task = self._progress.tasks[task_id]
+            speed = task.speed
+            unit = task.fields.get("unit", "samples")
+            self._progress.update(task_id, rate=f"{speed:.1f} {unit}/s" if speed else "")
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

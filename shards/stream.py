@@ -1,0 +1,529 @@
+"""Streaming pre-training input: WebDataset shards -> paired views -> collated batches.
+
+Sources: a shard directory (``*.tar``; per-shard sample counts from the index when present), a
+brace pattern (``shards/shard-{000000..000009}.tar``), an fsspec URL (``file:///…/shards``,
+``memory://…``, ``s3://…`` when the fsspec backend is installed) or a ``pipe:`` command. Tars
+are read with webdataset's own tar iterators (``tar_file_expander`` + ``group_by_keys``).
+
+Equal batches on every rank (no DDP hang on uneven shards)
+    Each epoch has a global plan, a pure function of ``(seed, epoch, world_size, batch_size,
+    num_workers, shard sizes)``: the shards are permuted (seeded by seed and epoch) and laid end
+    to end as one virtual sequence of N samples. Every rank gets exactly
+    ``batches_per_epoch = N // (world_size * batch_size)`` batches; the remainder (< world ×
+    batch samples) is dropped globally. A rank's batches are split over its DataLoader workers
+    (worker ``w`` makes rank batches ``w, w+R, w+2R, …``, exactly the order in which the
+    DataLoader interleaves workers), and each (rank, worker) *stream* reads one contiguous run of
+    the virtual sequence, crossing shard boundaries as needed. Shard sizes therefore never
+    change how many batches a rank gets. A shard that holds fewer samples than the plan expects
+    raises ``ShardReadError`` instead of ending the epoch early on one rank.
+
+Shuffling and determinism
+    Shard order is permuted per epoch; inside a stream, windows of ``shuffle_buffer`` samples
+    (rounded up to whole batches) are permuted with a generator seeded by (seed, epoch, stream,
+    window). A sample's augmentation is seeded by (seed, epoch, position), so it does not depend
+    on which worker made it. Nothing reads global RNG state.
+
+Resume
+    The resume state is ``{"epoch": e, "batches_done": n}`` (rank batches consumed). The plan is
+    regenerated; each worker skips the windows that lie wholly before its next batch at the tar
+    member level (``select_files`` drops the members, nothing is decoded), and inside a partly
+    consumed window it reads the raw bytes, applies the same permutation and decodes only the
+    samples not yet delivered. The plan depends on ``num_workers``: resume with the same
+    number of workers, world size and batch size (they are part of the run's locked config).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from anaus_core.errors import UserInputError
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PLAN_SALT = 0x5EED_A7A5  # separates the shuffle streams from the per-sample augmentation streams
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read, or held a different number of samples than the plan expects."""
+
+
+# ------------------------------------------------------------------------------------------------
+# shard lists
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardSource:
+    """The shards of one data set, in a fixed canonical order, and the samples in each."""
+
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]
+    origin: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(self.sizes))
+
+
+def open_url(url: str):
+    """A binary read stream for a local path, ``file://``/fsspec URL or ``pipe:`` command."""
+    if url.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    if _SCHEME.match(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb", buffering=1 << 20)
+
+
+def _sample_key(name: str) -> str | None:
+    from webdataset.tariterators import base_plus_ext
+
+    if re.match(r"__[^/]*__($|/)", name):  # webdataset's skip_meta
+        return None
+    return base_plus_ext(name)[0]
+
+
+def count_samples(url: str) -> int:
+    """Number of samples (distinct consecutive keys) in one tar, reading headers only where possible."""
+    count, last = 0, None
+    try:
+        if not url.startswith("pipe:") and not _SCHEME.match(url):
+            with tarfile.open(url, mode="r:") as archive:  # seekable: skips member data
+                members = archive.getmembers()
+        else:
+            with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+                members = list(archive)
+    except (OSError, tarfile.TarError) as error:
+        raise ShardReadError(f"{url}: cannot read shard ({error})") from error
+    for member in members:
+        if not member.isreg():
+            continue
+        key = _sample_key(member.name)
+        if key is not None and key != last:
+            count, last = count + 1, key
+    return count
+
+
+def _sizes_from_index(directory: Path, names: Sequence[str]) -> list[int] | None:
+    """Per-shard sample counts from the shard store's manifest, or None when there is none."""
+    if not (directory / "manifest.json").exists():
+        return None
+    from shards.index import read_manifest
+
+    counts = {Path(str(entry["name"])).name: int(entry["samples"]) for entry in read_manifest(directory)["shards"]}
+    unindexed = [name for name in names if name not in counts]
+    if unindexed:
+        raise UserInputError(f"{directory}: shard {unindexed[0]} is not in manifest.json (an interrupted write?); "
+                             "re-run precompute-masks or remove it")
+    return [counts[name] for name in names]
+
+
+def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Sequence[int] | None = None) -> ShardSource:
+    """The shard URLs of ``source`` (directory, brace pattern, fsspec URL or list) and their sample counts.
+
+    Counts come from ``shard_sizes`` when given, else from the index beside a shard directory,
+    else from one header scan of every shard (done once, in the main process).
+    """
+    origin = str(source) if not isinstance(source, (list, tuple)) else f"{len(source)} shard URLs"
+    urls: list[str]
+    sizes: list[int] | None = None
+    if isinstance(source, (list, tuple)):
+        urls = [str(u) for u in source]
+    else:
+        text = os.fspath(source)
+        local = Path(text)
+        if not _SCHEME.match(text) and not text.startswith("pipe:") and local.is_dir():
+            names = sorted(p.name for p in local.glob("*.tar"))
+            if not names:
+                raise UserInputError(f"{local}: no *.tar shards in this directory")
+            urls = [str(local / name) for name in names]
+            sizes = _sizes_from_index(local, names)
+        elif "{" in text or text.startswith("pipe:"):
+            import webdataset as wds
+
+            urls = wds.shardlists.expand_urls(text)
+        elif _SCHEME.match(text):
+            import fsspec
+
+            filesystem, path = fsspec.core.url_to_fs(text)
+            protocol = text.split("://", 1)[0]
+            if filesystem.isdir(path):
+                found = sorted(p for p in filesystem.find(path, maxdepth=1) if p.endswith(".tar"))
+                if not found:
+                    raise UserInputError(f"{text}: no *.tar shards at this URL")
+                urls = [f"{protocol}://{p}" if not p.startswith(f"{protocol}://") else p for p in found]
+            else:
+                urls = [text]
+        elif local.is_file():
+            urls = [str(local)]
+        else:
+            raise UserInputError(f"{text}: not a shard directory, shard file, brace pattern or URL")
+    if not urls:
+        raise UserInputError(f"{origin}: no shards")
+    if shard_sizes is not None:
+        sizes = [int(s) for s in shard_sizes]
+        if len(sizes) != len(urls):
+            raise UserInputError(f"{origin}: {len(urls)} shards but {len(sizes)} shard sizes given")
+    if sizes is None:
+        sizes = [count_samples(url) for url in urls]
+    return ShardSource(urls=tuple(urls), sizes=tuple(sizes), origin=origin)
+
+
+# ------------------------------------------------------------------------------------------------
+# the epoch plan
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Who reads what in one epoch. Positions index the epoch's virtual sequence of samples."""
+
+    shard_order: tuple[int, ...]        # canonical shard numbers in reading order
+    shard_starts: tuple[int, ...]       # virtual position of the first sample of each shard in that order
+    batches_per_epoch: int              # batches per rank
+    streams_per_rank: int               # DataLoader workers per rank (1 without workers)
+    stream_batches: tuple[int, ...]     # batches of each (rank, worker) stream, index rank*R + worker
+    stream_starts: tuple[int, ...]      # first virtual position of each stream's run
+
+
+def make_epoch_plan(sizes: Sequence[int], *, seed: int, epoch: int, world_size: int, batch_size: int,
+                    streams_per_rank: int, shuffle_shards: bool = True) -> EpochPlan:
+    """The epoch's plan (see module docstring). Raises ``UserInputError`` when one global batch does not fit."""
+    if batch_size < 1 or world_size < 1 or streams_per_rank < 1:
+        raise ValueError("batch_size, world_size and streams_per_rank must be >= 1")
+    total = int(sum(sizes))
+    batches_per_epoch = total // (world_size * batch_size)
+    if batches_per_epoch < 1:
+        raise UserInputError(f"{total} samples are fewer than one global batch ({world_size} ranks × {batch_size})")
+    order = np.arange(len(sizes))
+    if shuffle_shards:
+        order = np.random.default_rng([seed, epoch, _PLAN_SALT]).permutation(len(sizes))
+    ordered_sizes = np.asarray(sizes, dtype=np.int64)[order]
+    starts = np.concatenate([[0], np.cumsum(ordered_sizes)[:-1]])
+    per_stream = []
+    for _rank in range(world_size):
+        for worker in range(streams_per_rank):
+            per_stream.append(batches_per_epoch // streams_per_rank + (worker < batches_per_epoch % streams_per_rank))
+    stream_starts = np.concatenate([[0], np.cumsum(np.asarray(per_stream) * batch_size)[:-1]])
+    return EpochPlan(tuple(int(i) for i in order), tuple(int(s) for s in starts), int(batches_per_epoch),
+                     int(streams_per_rank), tuple(int(b) for b in per_stream), tuple(int(s) for s in stream_starts))
+
+
+def batches_before(worker: int, streams_per_rank: int, rank_batches: int) -> int:
+    """How many of the first ``rank_batches`` batches of a rank worker ``worker`` made (round robin)."""
+    return len(range(worker, rank_batches, streams_per_rank))
+
+
+def stream_batch_positions(plan: EpochPlan, stream: int, *, batch_size: int, window: int, seed: int,
+                           epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(window index, positions)`` for each batch of one stream, in the order it yields them."""
+    start, num_batches = plan.stream_starts[stream], plan.stream_batches[stream]
+    length = num_batches * batch_size
+    for window_index, window_start in enumerate(range(0, length, window)):
+        count = min(window, length - window_start)
+        rng = np.random.default_rng([seed, epoch, stream, window_index, _PLAN_SALT])
+        positions = start + window_start + rng.permutation(count)
+        for offset in range(0, count, batch_size):
+            yield window_index, positions[offset:offset + batch_size]
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+
+class _SkipFirstSamples:
+    """``select_files`` predicate for webdataset's tar iterator: drop the members of the first n samples."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.seen, self.last = count, 0, None
+
+    def __call__(self, name: str) -> bool:
+        key = _sample_key(name)
+        if key != self.last:
+            self.last, self.seen = key, self.seen + 1
+        return self.seen > self.count
+
+
+def read_shard(url: str, *, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Raw webdataset samples (``{"__key__", "__url__", ext: bytes}``) of one tar, after skipping
+    the first ``skip`` samples without reading their member data into Python objects."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    try:
+        stream = open_url(url)
+    except OSError as error:
+        raise ShardReadError(f"{url}: cannot open shard ({error})") from error
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}],
+                                  select_files=_SkipFirstSamples(skip) if skip else None)
+        yield from group_by_keys(files)
+    except (tarfile.TarError, OSError, ValueError) as error:
+        raise ShardReadError(f"{url}: shard is unreadable ({error})") from error
+    finally:
+        stream.close()
+
+
+class RawSample:
+    """Default per-sample transform of ``ShardStream``: the key and epoch position, nothing decoded."""
+
+    def __call__(self, raw: Mapping[str, Any], position: int, epoch: int) -> dict[str, Any]:
+        return {"__key__": raw["__key__"], "index": position}
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of an epoch of shards, as batches (picklable; use with ``batch_size=None`` loaders).
+
+    Args:
+        source: the shards and their sample counts (``resolve_shards``).
+        batch_size: samples per batch on this rank.
+        seed, epoch: the plan and every random draw derive from these.
+        rank, world_size: this process's place in the job.
+        num_workers: DataLoader workers that will iterate this dataset (0 = main process).
+        start_batch: rank batches of this epoch already consumed (resume).
+        shuffle_buffer: samples per shuffle window (rounded up to whole batches).
+        shuffle_shards: permute shard order per epoch.
+        transform: ``(raw sample, position, epoch) -> sample``; default keeps the key only.
+        collate: ``list of samples -> batch``; default returns the list.
+    """
+
+    def __init__(self, source: ShardSource, *, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle_buffer: int = 1024,
+                 shuffle_shards: bool = True, transform: Callable[[Mapping[str, Any], int, int], Any] | None = None,
+                 collate: Callable[[list], Any] | None = None) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.seed, self.epoch = int(seed), int(epoch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_workers = int(num_workers)
+        self.start_batch = int(start_batch)
+        self.window = max(1, math.ceil(max(1, int(shuffle_buffer)) / self.batch_size)) * self.batch_size
+        self.shuffle_shards = bool(shuffle_shards)
+        self.transform = transform if transform is not None else RawSample()
+        self.collate = collate if collate is not None else _as_list
+        plan = self.plan()
+        if not 0 <= self.start_batch <= plan.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is outside the epoch (0..{plan.batches_per_epoch})")
+
+    @property
+    def streams_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    def plan(self) -> EpochPlan:
+        return make_epoch_plan(self.source.sizes, seed=self.seed, epoch=self.epoch, world_size=self.world_size,
+                               batch_size=self.batch_size, streams_per_rank=self.streams_per_rank,
+                               shuffle_shards=self.shuffle_shards)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.source.num_samples // (self.world_size * self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def rank_batch_positions(self) -> list[np.ndarray]:
+        """Positions of every batch this rank yields this epoch (from ``start_batch``), in order, without reading."""
+        plan = self.plan()
+        per_worker = []
+        for worker in range(self.streams_per_rank):
+            stream = self.rank * self.streams_per_rank + worker
+            skip = batches_before(worker, self.streams_per_rank, self.start_batch)
+            batches = [p for _, p in stream_batch_positions(plan, stream, batch_size=self.batch_size, window=self.window,
+                                                            seed=self.seed, epoch=self.epoch)]
+            per_worker.append(batches[skip:])
+        ordered = []
+        for round_index in range(max((len(b) for b in per_worker), default=0)):
+            ordered.extend(b[round_index] for b in per_worker if round_index < len(b))
+        return ordered
+
+    def position_to_shard(self, position: int, plan: EpochPlan | None = None) -> tuple[int, int]:
+        """(canonical shard number, sample number inside it) of a virtual position."""
+        plan = plan or self.plan()
+        slot = bisect.bisect_right(plan.shard_starts, position) - 1
+        return plan.shard_order[slot], position - plan.shard_starts[slot]
+
+    def _raw_from(self, plan: EpochPlan, position: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(position, raw sample)`` from virtual ``position`` on, crossing shards in plan order."""
+        slot = bisect.bisect_right(plan.shard_starts, position) - 1
+        skip = position - plan.shard_starts[slot]
+        for slot_index in range(slot, len(plan.shard_order)):
+            shard = plan.shard_order[slot_index]
+            url, expected = self.source.urls[shard], self.source.sizes[shard]
+            delivered = skip
+            for raw in read_shard(url, skip=skip):
+                if delivered >= expected:
+                    raise ShardReadError(f"{url}: holds more than the {expected} samples the index lists")
+                yield plan.shard_starts[slot_index] + delivered, raw
+                delivered += 1
+            if delivered != expected:
+                raise ShardReadError(f"{url}: delivered {delivered} samples, the index lists {expected} "
+                                     "(truncated or rewritten shard; run `anaus validate`/re-run precompute-masks)")
+            skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.streams_per_rank:
+            raise RuntimeError(f"ShardStream was planned for {self.streams_per_rank} stream(s) per rank but runs in "
+                               f"{workers}; build it with num_workers equal to the DataLoader's")
+        plan = self.plan()
+        stream = self.rank * self.streams_per_rank + worker
+        skip_batches = batches_before(worker, self.streams_per_rank, self.start_batch)
+        batches = stream_batch_positions(plan, stream, batch_size=self.batch_size, window=self.window,
+                                         seed=self.seed, epoch=self.epoch)
+        raw_iter: Iterator[tuple[int, dict[str, Any]]] | None = None
+        window_raw: dict[int, dict[str, Any]] = {}
+        current_window = -1
+        try:
+            for batch_number, (window_index, positions) in enumerate(batches):
+                if batch_number < skip_batches:
+                    continue
+                if window_index != current_window:
+                    window_start = plan.stream_starts[stream] + window_index * self.window
+                    window_end = min(window_start + self.window,
+                                     plan.stream_starts[stream] + plan.stream_batches[stream] * self.batch_size)
+                    if raw_iter is None:
+                        raw_iter = self._raw_from(plan, window_start)
+                    window_raw = {}
+                    for position, raw in raw_iter:
+                        window_raw[position] = raw
+                        if position + 1 >= window_end:
+                            break
+                    if len(window_raw) != window_end - window_start:
+                        raise ShardReadError(f"stream {stream}: window {window_index} has {len(window_raw)} of "
+                                             f"{window_end - window_start} samples")
+                    current_window = window_index
+                samples = [self.transform(window_raw.pop(int(p)), int(p), self.epoch) for p in positions]
+                yield self.collate(samples)
+        finally:
+            if raw_iter is not None:
+                raw_iter.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# pre-training samples and loaders
+# ------------------------------------------------------------------------------------------------
+
+def _default_decode(raw: Mapping[str, bytes]):
+    from shards.sample import decode_sample
+
+    return decode_sample(raw)
+
+
+class PretrainSampleTransform:
+    """Raw webdataset sample -> one sample of the pre-training batch (decode + paired views).
+
+    The sample's generator is seeded by (seed, epoch, position), so its crops, flips and sampled
+    ids are the same whichever worker makes it and whether or not the run was resumed.
+    """
+
+    def __init__(self, view_config=None, *, seed: int = 0, decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> None:
+        from anaus_core.augment.views import PairedViews, ViewConfig
+
+        self.views = PairedViews(view_config or ViewConfig())
+        self.seed = int(seed)
+        self.decode = decode if decode is not None else _default_decode
+
+    def __call__(self, raw: Mapping[str, Any], position: int, epoch: int) -> dict[str, np.ndarray]:
+        sample = self.decode(raw)
+        mask_set = sample.mask_set
+        area_grid = None
+        pyramid = getattr(sample, "mask_pyramid", None)
+        if pyramid and len(mask_set):
+            finest = max(pyramid)
+            area_grid = np.asarray(pyramid[finest], dtype=np.float32) / 255.0
+        rng = np.random.default_rng([self.seed, epoch, position])
+        out = self.views(sample.image, mask_set.masks, mask_set.ids, rng=rng, area_grid=area_grid)
+        out["index"] = np.int64(position)
+        return out
+
+
+class PretrainLoader:
+    """Iterable over one epoch's batches for one rank (a DataLoader over a ``ShardStream``)."""
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        self.dataset = dataset
+        kwargs: dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset.batches_per_epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSource, *, batch_size: int, num_workers: int = 0,
+                          rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0,
+                          view_config=None, num_mask_samples: int | None = None, shuffle_buffer: int = 1024,
+                          pin_memory: bool = False, prefetch_factor: int = 2,
+                          decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> PretrainLoader:
+    """A loader that yields CONTRACTS.md pre-training batches (dict of CPU tensors) for one rank and epoch.
+
+    ``len(loader) == batches_per_epoch - start_batch``, identical on every rank. ``index`` in
+    each batch is the sample's position in the epoch's virtual sequence.
+    """
+    from dataclasses import replace
+
+    from anaus_core.augment.collate import collate_views
+    from anaus_core.augment.views import ViewConfig
+
+    shards = source if isinstance(source, ShardSource) else resolve_shards(source)
+    config = view_config or ViewConfig()
+    if num_mask_samples is not None:
+        config = replace(config, num_mask_samples=int(num_mask_samples))
+    dataset = ShardStream(shards, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                          num_workers=num_workers, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
+                          transform=PretrainSampleTransform(config, seed=seed, decode=decode), collate=collate_views)
+    return PretrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+@dataclass
+class ShardDataSource:
+    """The trainer's ``PretrainDataSource`` over a shard store: sample count + per-epoch loaders."""
+
+    source: ShardSource
+    num_workers: int = 0
+    seed: int = 0
+    view_config: Any = None
+    shuffle_buffer: int = 1024
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    decode: Callable[[Mapping[str, bytes]], Any] | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, source: str | os.PathLike | Sequence[str], **kwargs: Any) -> "ShardDataSource":
+        return cls(resolve_shards(source), **kwargs)
+
+    @property
+    def num_samples(self) -> int:
+        return self.source.num_samples
+
+    def loader(self, *, epoch: int, skip_batches: int, batch_size: int, rank: int, world_size: int) -> PretrainLoader:
+        return build_pretrain_loader(self.source, batch_size=batch_size, num_workers=self.num_workers, rank=rank,
+                                     world_size=world_size, seed=self.seed, epoch=epoch, start_batch=skip_batches,
+                                     view_config=self.view_config, shuffle_buffer=self.shuffle_buffer,
+                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, decode=self.decode)

@@ -1,0 +1,332 @@
+"""Writing shards: one tar per call, finalised atomically, with a per-sample byte map.
+
+A shard is written under a hidden temporary name (``.<name>.tmp-<pid>-<random>``, which no
+``*.tar`` glob matches), flushed, fsynced, renamed to its final ``*.tar`` name and the
+directory is fsynced. So a killed writer never leaves a ``.tar`` that is partial, and the
+index (written afterwards by :func:`shards.index.write_index`) can only name final shards.
+
+Tars are deterministic: fixed member order (png, masks.bin, pyramid.bin, json), mtime 0,
+uid/gid 0, empty user/group names, mode 0644 - the same samples give the same sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from shards.sample import (
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_SCALES,
+    FIELDS,
+    STORAGE_KEY,
+    ShardSample,
+    check_key,
+    encode_sample,
+)
+
+
+@dataclass(frozen=True)
+class SampleEntry:
+    """Where one sample lives inside its shard and what the index stores about it.
+
+    ``offset`` is the byte position of the sample's first tar header; ``size`` the bytes of
+    all its members (headers and padding included), so ``f.seek(offset); f.read(size)`` is a
+    small self-contained tar stream holding exactly that sample.
+    """
+
+    key: str
+    offset: int
+    size: int
+    mask_count: int
+    mask_areas: tuple[int, ...]
+    source_hash: str
+
+
+@dataclass
+class ShardInfo:
+    """A final shard: file name (relative to the output directory), sha256, size, samples."""
+
+    name: str
+    sha256: str
+    size: int
+    samples: list[SampleEntry] = field(default_factory=list)
+
+    @property
+    def sample_count(self) -> int:
+        return len(self.samples)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_name(final: Path) -> Path:
+    """Hidden temporary sibling of ``final``; never matches ``*.tar`` or ``*.json``."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def atomic_replace(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it onto ``final`` and fsync the directory."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_directory(final.parent)
+
+
+class _HashingFile:
+    """Write-only file wrapper that hashes and counts what tarfile writes (no read-back)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self._position = 0
+
+    def write(self, data) -> int:
+        self._handle.write(data)
+        self._hash.update(data)
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def _entry_from_encoded(encoded: Mapping[str, Any], offset: int, size: int) -> SampleEntry:
+    record = json.loads(encoded["json"])
+    masks = record.get("masks", [])
+    return SampleEntry(
+        key=encoded["__key__"],
+        offset=offset,
+        size=size,
+        mask_count=len(masks),
+        mask_areas=tuple(int(m["area"]) for m in masks),
+        source_hash=str(record.get("source_sha256", "")),
+    )
+
+
+class ShardFileWriter:
+    """Append samples to one shard under a temporary name; :meth:`finish` makes it final.
+
+    Lower level than :class:`ShardWriter`; the precompute pipeline uses it (through
+    :func:`write_shard`) to rewrite single shards. Use as a context manager: leaving the block
+    with an exception removes the temporary file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, codec: str = "zstd", level: int = DEFAULT_COMPRESSION_LEVEL):
+        self.path = Path(path)
+        if self.path.suffix != ".tar":
+            raise ValueError(f"{self.path}: shard names must end in .tar")
+        self.codec = codec
+        self.level = level
+        self.tmp_path = temporary_name(self.path)
+        self._handle = open(self.tmp_path, "wb")
+        self._hashing = _HashingFile(self._handle)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
+        self._entries: list[SampleEntry] = []
+        self._keys: set[str] = set()
+        self._closed = False
+
+    @property
+    def bytes_written(self) -> int:
+        return self._hashing.tell()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, sample: ShardSample | Mapping[str, Any]) -> SampleEntry:
+        """Add a ShardSample, or a dict already produced by :func:`encode_sample`."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: writer is closed")
+        encoded = encode_sample(sample, codec=self.codec, level=self.level) if isinstance(sample, ShardSample) else sample
+        key = check_key(encoded["__key__"])
+        if key in self._keys:
+            raise ValueError(f"{self.path.name}: duplicate key {key!r}")
+        missing = [name for name in FIELDS if name not in encoded]
+        if missing:
+            raise ValueError(f"{key}: encoded sample lacks {missing}")
+        start = self._tar.offset
+        for name in FIELDS:
+            data = encoded[name]
+            self._tar.addfile(_tar_info(f"{key}.{name}", len(data)), io.BytesIO(data))
+        entry = _entry_from_encoded(encoded, start, self._tar.offset - start)
+        self._keys.add(key)
+        self._entries.append(entry)
+        return entry
+
+    def finish(self) -> ShardInfo:
+        """Close the tar, fsync, rename to the final name, fsync the directory."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: writer is closed")
+        self._tar.close()
+        self._hashing.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        self._closed = True
+        size = self._hashing.tell()
+        os.replace(self.tmp_path, self.path)
+        _fsync_directory(self.path.parent)
+        return ShardInfo(name=self.path.name, sha256=self._hashing.hexdigest(), size=size, samples=list(self._entries))
+
+    def abort(self) -> None:
+        """Drop the temporary file; the final name is never touched."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._handle.close()
+            finally:
+                self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardFileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_shard(
+    path: str | os.PathLike,
+    samples: Iterable[ShardSample | Mapping[str, Any]],
+    *,
+    codec: str = "zstd",
+    level: int = DEFAULT_COMPRESSION_LEVEL,
+) -> ShardInfo:
+    """Write ``samples`` to the shard ``path`` (``*.tar``) atomically and return its ShardInfo.
+
+    An existing shard of that name is replaced only once the new one is complete.
+    """
+    writer = ShardFileWriter(path, codec=codec, level=level)
+    try:
+        for sample in samples:
+            writer.add(sample)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+class ShardWriter:
+    """Write samples into numbered shards and the index + manifest on close.
+
+    >>> with ShardWriter(out_dir, samples_per_shard=1000, fingerprints={"mask": "ab12"}) as w:
+    ...     for sample in samples:
+    ...         w.write(sample)
+
+    Shards roll at ``samples_per_shard`` samples or once ``max_shard_bytes`` is reached.
+    If the ``with`` block raises, the shard in progress is discarded and no index is written
+    (shards finished before stay final and can be re-indexed).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        samples_per_shard: int = 1000,
+        max_shard_bytes: int | None = 512 * 1024 * 1024,
+        scales: Sequence[int] = DEFAULT_SCALES,
+        fingerprints: Mapping[str, str] | None = None,
+        name_pattern: str = "shard-{:06d}.tar",
+        start_index: int = 0,
+        codec: str = "zstd",
+        level: int = DEFAULT_COMPRESSION_LEVEL,
+    ):
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.max_shard_bytes = max_shard_bytes
+        self.scales = tuple(int(s) for s in scales)
+        self.fingerprints = dict(fingerprints or {})
+        self.name_pattern = name_pattern
+        self.next_index = start_index
+        self.codec = codec
+        self.level = level
+        self.shard_infos: list[ShardInfo] = []
+        self._current: ShardFileWriter | None = None
+        self._keys: set[str] = set()
+        self._closed = False
+
+    def write(self, sample: ShardSample) -> SampleEntry:
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        if tuple(sample.mask_pyramid) != self.scales:
+            raise ValueError(f"{sample.key}: pyramid scales {tuple(sample.mask_pyramid)} != writer scales {self.scales}")
+        if sample.key in self._keys:
+            raise ValueError(f"duplicate key {sample.key!r}")
+        if self._current is None:
+            self._current = ShardFileWriter(self.out_dir / self.name_pattern.format(self.next_index), codec=self.codec, level=self.level)
+            self.next_index += 1
+        entry = self._current.add(sample)
+        self._keys.add(sample.key)
+        if len(self._current) >= self.samples_per_shard or (
+            self.max_shard_bytes is not None and self._current.bytes_written >= self.max_shard_bytes
+        ):
+            self._finish_current()
+        return entry
+
+    def _finish_current(self) -> None:
+        if self._current is not None:
+            self.shard_infos.append(self._current.finish())
+            self._current = None
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the last shard and write index.zarr + manifest.json."""
+        from shards.index import write_index
+
+        if not self._closed:
+            self._finish_current()
+            write_index(self.out_dir, self.shard_infos, scales=self.scales, fingerprints=self.fingerprints)
+            self._closed = True
+        return self.shard_infos
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        self._closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+__all__ = ["SampleEntry", "ShardInfo", "ShardFileWriter", "ShardWriter", "write_shard", "atomic_replace", "temporary_name", "STORAGE_KEY"]
