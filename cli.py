@@ -468,7 +468,7 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True) -> dict:
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -521,7 +521,53 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
         raise UserInputError(f"{shards_dir}: demo shards failed validation")
     result["inspect_summary"] = summary
     result["contact_sheet"] = Path(sheet)
+
+    if pretrain_steps > 0:
+        console.rule(f"4. pretrain ({pretrain_steps} steps on the CPU)")
+        result.update(_demo_pretrain(shards_dir, out / "pretrain", steps=pretrain_steps, seed=seed,
+                                     progress=progress, console=console))
     return result
+
+
+def demo_pretrain_config(shards_dir: Path, *, steps: int, seed: int = 0, batch_size: int = 8):
+    """The demo's CPU-sized pre-training: 64 px views, K = 8, slimmer heads and blur than the
+    paper's (which are for 224 px on GPUs), a short-schedule peak lr of 0.5; everything else is
+    the default AnaUS objective (multi-scale L_ana + L_ctx)."""
+    from anaus_core.config import load_config
+    from anaus_core.train import PretrainConfig
+
+    return load_config(PretrainConfig, None, {
+        "data.shards": str(shards_dir), "data.batch_size": batch_size, "data.num_workers": 0,
+        "views.size": 64, "views.num_mask_samples": 8,
+        "augment.view1.blur_kernel": 9, "augment.view2.blur_kernel": 9,
+        "model.projector_hidden_dim": 512, "model.predictor_hidden_dim": 1024,
+        "optim.base_lr": 16.0, "optim.warmup_steps": max(1, steps // 20),
+        "run.steps": steps, "run.device": "cpu", "run.seed": seed, "run.log_every": max(1, min(10, steps // 20)),
+        "run.checkpoint_every": max(50, steps // 4), "run.keep_step_checkpoints": False, "run.tensorboard": False,
+    })
+
+
+def _demo_pretrain(shards_dir: Path, run_dir: Path, *, steps: int, seed: int, progress: bool, console) -> dict:
+    """Demo step 4: pre-train on the demo shards (resuming an interrupted demo run, skipping a
+    finished one) and report the loss curve and the exported encoder."""
+    import dataclasses
+    import json as _json
+
+    from anaus_core.train import pretrain
+    from shards.index import read_manifest
+
+    samples = sum(int(entry["samples"]) for entry in read_manifest(shards_dir)["shards"])
+    config = demo_pretrain_config(shards_dir, steps=steps, seed=seed, batch_size=max(2, min(8, samples)))
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, progress=progress))
+    summary_path, last = run_dir / "summary.json", run_dir / "checkpoints" / "last.pt"
+    done = summary_path.exists() and _json.loads(summary_path.read_text()).get("steps_done") == steps
+    if done and (run_dir / "encoder.pt").exists():
+        console.print(f"pretrain: {run_dir} already holds the finished {steps}-step run (nothing to do)")
+    else:
+        pretrain(config, run_dir, data=shard_data_source(config), resume=True if last.exists() else None,
+                 console=console)
+    console.print(f"loss curve: {run_dir / 'loss_curve.png'}; encoder: {run_dir / 'encoder.pt'}")
+    return {"pretrain_run": run_dir, "loss_curve": run_dir / "loss_curve.png", "encoder": run_dir / "encoder.pt"}
 
 
 @app.command("demo")
@@ -532,11 +578,12 @@ def demo_command(
     size: int = typer.Option(128, help="Phantom size in pixels (also the stored size)."),
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
 ) -> None:
-    """Run the README demo: phantoms -> precompute-masks -> inspect-shard (no weights needed)."""
+    """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
-    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress)
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps)
 
 
 

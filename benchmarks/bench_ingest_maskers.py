@@ -7,8 +7,8 @@ Prints medians of several repeats for:
     bare ``Image.open(...).convert("L").resize(...)`` (the cost of the safety checks and hashing);
   * ingest of a 16-bit TIFF and of video frames;
   * the weight-free maskers (k-means, Felzenszwalb) and the labels masker per 256x256 image;
-  * the SAM masker on the CPU-sized random ``tiny`` SAM: whole batch encoded at once against
-    one image at a time (same images, same process, side by side).
+  * the SAM masker on the CPU-sized random ``tiny`` SAM, and SAM's ViT-B image encoder (random
+    weights, 256 input) on a batch of 4 at once against one image at a time (side by side).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def median_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
+    parser.add_argument("--device", default="cpu", help="device of the SAM parts (cuda: bf16 autocast)")
+    parser.add_argument("--batch", type=int, default=4, help="images per SAM encoder batch")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
     import torch
@@ -90,18 +92,36 @@ def main() -> None:
         print(f"masker {name}: {seconds * 1e3:.1f} ms per 256x256 image")
 
     checkpoint = save_random_sam_checkpoint(work / "tiny.pth", "tiny", seed=0)
-    batch = 4
-    images = [sample.image, np.ascontiguousarray(np.fliplr(sample.image)), np.ascontiguousarray(np.flipud(sample.image)), sample.image.T.copy()]
-    options = dict(checkpoint=checkpoint, image_size=256, points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    batched = build_masker("sam", batch_size=batch, **options)
-    single = build_masker("sam", batch_size=1, **options)
-    t_batched = median_time(lambda: batched(images, [None] * batch), repeats)
-    t_single = median_time(lambda: single(images, [None] * batch), repeats)
+    batch = args.batch
+    variants = [sample.image, np.fliplr(sample.image), np.flipud(sample.image), sample.image.T]
+    images = [np.ascontiguousarray(variants[index % 4]) for index in range(batch)]
+    device = torch.device(args.device)
+
+    def synced(fn):
+        def run():
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    # segment_anything's default filters; a random model passes few masks.
+    masker = build_masker("sam", checkpoint=checkpoint, image_size=256, points_per_side=8, batch_size=batch, device=args.device)
+    total = median_time(synced(lambda: masker(images, [None] * batch)), repeats)
+    print(f"masker sam (tiny, 256 input, 8x8 points): {total * 1e3 / batch:.1f} ms/image (the point-grid decoder dominates at this size)")
+
+    # What batching changes is the image encoder: time it alone on a ViT-B (random weights).
+    from anaus_core.maskers.sam import encode_images
+    from anaus_core.sam import build_sam
+
+    size = 256 if device.type == "cpu" else 1024
+    vit_b = build_sam("vit_b", image_size=size).to(device)
+    t_batched = median_time(synced(lambda: encode_images(vit_b, images)), repeats)
+    t_single = median_time(synced(lambda: [encode_images(vit_b, [image]) for image in images]), repeats)
     print(
-        f"masker sam (tiny, 256 input, 8x8 points), {batch} images: batched {t_batched * 1e3 / batch:.1f} ms/image, "
+        f"SAM ViT-B encoder at {size} input on {device}, {batch} images: batched {t_batched * 1e3 / batch:.1f} ms/image, "
         f"one-by-one {t_single * 1e3 / batch:.1f} ms/image, ratio {t_single / t_batched:.2f}x"
     )
-
 
 if __name__ == "__main__":
     main()

@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--time-budget", type=float, default=200.0, help="seconds; later configurations are skipped once spent")
+    parser.add_argument("--time-budget", type=float, default=180.0, help="seconds; later configurations are skipped once spent")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -155,7 +155,7 @@ def main() -> None:
     args.sizes = args.sizes or ([256, 1024] if cuda else [64, 256])
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8, 16, 32] if cuda else [1, 8])
     args.dtypes = args.dtypes or (["fp32", "bf16"] if cuda else ["fp32"])
-    args.iters = args.iters or (3 if cuda else 2)
+    args.iters = args.iters or 2
     if args.quick:
         args.sizes, args.batch_sizes, args.repeats, args.iters = args.sizes[:1], args.batch_sizes[:2], 1, 1
     if cuda:

@@ -1,7 +1,9 @@
 """Shard store benchmark: write and sequential read throughput, bytes per sample.
 
-Measured side by side in one run, on the same synthetic 256×256 samples with 16 masks
-(12-region warped-Voronoi partition + 4 overlapping blobs, speckled image):
+Measured side by side in one run, on the same 256×256 samples with 16 masks (12-region
+warped-Voronoi partition + 4 overlapping blobs). Images are random crops of the real DDTI
+B-mode image in ../shared/fixtures (so PNG sizes and decode costs are those of real
+ultrasound), resized to 256×256; a synthetic speckle image is used if the fixture is absent.
 
 - write: ShardWriter (encode image/masks/pyramid/json + tar + fsync + index), samples/s;
 - read, project reader: ``iter(ShardReader)`` decoding every field with checks, samples/s;
@@ -20,6 +22,7 @@ that load from other processes hits them alike.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import statistics
@@ -40,23 +43,52 @@ from shards.synthetic import synthetic_sample  # noqa: E402
 from shards.writer import ShardWriter  # noqa: E402
 
 
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ddti" / "20436_img.png"
+
+
+def real_image_crop(generator: np.random.Generator, size: int) -> np.ndarray | None:
+    if not FIXTURE.exists():
+        return None
+    with Image.open(FIXTURE) as source:
+        source = source.convert("L")
+        width, height = source.size
+        side = int(generator.integers(min(width, height) // 2, min(width, height) + 1))
+        top = int(generator.integers(0, height - side + 1))
+        left = int(generator.integers(0, width - side + 1))
+        crop = source.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+        if generator.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(crop)
+
+
 def make_samples(count: int, *, fragmented: bool = False, size: int = 256, masks: int = 16):
+    from shards.sample import ShardSample
+
     samples = []
+    seed = 0
     for i in range(count):
-        # 12 + 4 = 16 masks; blobs almost never come out empty at 256 px, but keep exactly 16.
-        sample = synthetic_sample(f"bench/{i:06d}", height=size, width=size, partition=masks - 4, overlapping=4, fragmented=fragmented, seed=i)
+        # 12 + 4 = 16 masks; a seed that leaves a region empty is skipped so every sample has 16.
+        while True:
+            sample = synthetic_sample(f"bench/{i:06d}", height=size, width=size, partition=masks - 4, overlapping=4, fragmented=fragmented, seed=seed)
+            seed += 1
+            if len(sample.mask_set) == masks:
+                break
+        image = real_image_crop(np.random.default_rng(10_000 + i), size)
+        if image is not None:
+            sample = ShardSample(key=sample.key, image=image, mask_set=sample.mask_set, mask_pyramid=sample.mask_pyramid, record=sample.record)
         samples.append(sample)
     return samples
 
 
-def timed(func) -> float:
-    start = time.perf_counter()
+def timed(func) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process). CPU time is steadier on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
     func()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bytes_per_sample(samples, level: int) -> dict[str, float]:
-    encoded = [encode_sample(s, level=level) for s in samples]
+def bytes_per_sample(samples, level: int, png_compress_level: int = 6) -> dict[str, float]:
+    encoded = [encode_sample(s, level=level, png_compress_level=png_compress_level) for s in samples]
     result = {name: float(np.mean([len(e[name]) for e in encoded])) for name in ("png", "masks.bin", "pyramid.bin", "json")}
     # Each tar member costs a 512-byte header plus padding of its data to 512 bytes.
     padding = {name: float(np.mean([(-len(e[name])) % 512 for e in encoded])) for name in result}
@@ -88,79 +120,84 @@ def main() -> None:
         (loose / (sample.key.replace("/", "_") + ".png")).write_bytes(encoded_png)
     loose_files = sorted(loose.glob("*.png"))
 
-    write_rates, reader_rates, wds_rates, png_rates = [], [], [], []
-    out = work / "shards"
     import webdataset as wds
 
+    modes = {"png6": 6, "png0": 0}  # zlib level of the PNG stored in the shard
+    rates: dict[str, dict[str, list[float]]] = {}
+    cpu_rates: dict[str, dict[str, list[float]]] = {}
+
+    def record(name: str, measured: tuple[float, float]) -> None:
+        rates.setdefault(name, []).append(count / measured[0])
+        cpu_rates.setdefault(name, []).append(count / measured[1])
+
+    def read_loose_png():
+        for path in loose_files:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            with Image.open(io.BytesIO(data)) as image:
+                np.asarray(image)
+
     for repeat in range(repeats):
-        if out.exists():
-            shutil.rmtree(out)
+        contenders = [("loose_png", read_loose_png)]
+        for mode, png_level in modes.items():
+            out = work / f"shards_{mode}"
+            if out.exists():
+                shutil.rmtree(out)
 
-        def write():
-            with ShardWriter(out, samples_per_shard=100) as writer:
-                for sample in samples:
-                    writer.write(sample)
+            def write(out=out, png_level=png_level):
+                with ShardWriter(out, samples_per_shard=100, png_compress_level=png_level) as writer:
+                    for sample in samples:
+                        writer.write(sample)
 
-        write_rates.append(count / timed(write))
+            record(f"write_{mode}", timed(write))
 
-        def read_loose_png():
-            for path in loose_files:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-                with Image.open(__import__("io").BytesIO(data)) as image:
-                    np.asarray(image)
+            def read_reader(out=out):
+                assert sum(1 for _ in ShardReader(out)) == count
 
-        def read_reader():
-            delivered = sum(1 for _ in ShardReader(out))
-            assert delivered == count
+            def read_webdataset(out=out):
+                urls = [str(p) for p in sorted(out.glob("*.tar"))]
+                assert sum(1 for raw in wds.WebDataset(urls, shardshuffle=False) if decode_sample(raw) is not None) == count
 
-        urls = [str(p) for p in sorted(out.glob("*.tar"))]
-
-        def read_webdataset():
-            delivered = sum(1 for raw in wds.WebDataset(urls, shardshuffle=False) if decode_sample(raw) is not None)
-            assert delivered == count
-
-        # Interleave the contenders (and rotate who goes first) so load spikes hit them alike.
-        order = [("png", read_loose_png, png_rates), ("reader", read_reader, reader_rates), ("wds", read_webdataset, wds_rates)]
-        order = order[repeat % 3 :] + order[: repeat % 3]
-        for _, func, rates in order:
-            rates.append(count / timed(func))
-        print(f"repeat {repeat + 1}/{repeats}: write {write_rates[-1]:.0f}/s, reader {reader_rates[-1]:.0f}/s, "
-              f"webdataset {wds_rates[-1]:.0f}/s, loose PNG decode {png_rates[-1]:.0f}/s", flush=True)
+            contenders += [(f"reader_{mode}", read_reader), (f"webdataset_{mode}", read_webdataset)]
+        # Interleave the contenders and rotate who goes first, so load spikes hit them alike.
+        shift = repeat % len(contenders)
+        for name, func in contenders[shift:] + contenders[:shift]:
+            record(name, timed(func))
+        print(f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()), flush=True)
 
     # A sanity check that the figures describe a faithful store.
-    reader = ShardReader(out)
+    reader = ShardReader(work / "shards_png6")
     assert reader[samples[count // 2].key] == samples[count // 2]
+    shard_bytes = {mode: sum(p.stat().st_size for p in (work / f"shards_{mode}").glob("*.tar")) / count for mode in modes}
 
     sizes = {"blobs": bytes_per_sample(samples[: min(count, 100)], DEFAULT_COMPRESSION_LEVEL)}
+    sizes["blobs_png0"] = bytes_per_sample(samples[: min(count, 100)], DEFAULT_COMPRESSION_LEVEL, png_compress_level=0)
     fragmented = make_samples(min(count, 40), fragmented=True)
     sizes["fragmented"] = bytes_per_sample(fragmented, DEFAULT_COMPRESSION_LEVEL)
     levels = {level: bytes_per_sample(samples[:40], level)["masks_plus_pyramid_payload"] for level in (3, 9, DEFAULT_COMPRESSION_LEVEL, 19)}
-    shard_bytes = sum(p.stat().st_size for p in out.glob("*.tar"))
 
     median = statistics.median
+    wall = {name: median(values) for name, values in rates.items()}
+    cpu = {name: median(values) for name, values in cpu_rates.items()}
     figures = {
         "samples": count,
         "repeats": repeats,
-        "write_samples_per_s": median(write_rates),
-        "read_reader_samples_per_s": median(reader_rates),
-        "read_webdataset_samples_per_s": median(wds_rates),
-        "loose_png_decode_per_s": median(png_rates),
-        "ratio_reader_over_png": median(reader_rates) / median(png_rates),
-        "ratio_webdataset_over_png": median(wds_rates) / median(png_rates),
-        "shard_bytes_per_sample": shard_bytes / count,
+        "wall_samples_per_s": wall,
+        "cpu_samples_per_s": cpu,
+        "ratio_over_loose_png_wall": {k: v / wall["loose_png"] for k, v in wall.items() if k.startswith(("reader", "webdataset"))},
+        "ratio_over_loose_png_cpu": {k: v / cpu["loose_png"] for k, v in cpu.items() if k.startswith(("reader", "webdataset"))},
+        "shard_bytes_per_sample": shard_bytes,
         "bytes_per_sample": sizes,
         "masks_plus_pyramid_payload_by_zstd_level": levels,
-        "all_rates": {"write": write_rates, "reader": reader_rates, "webdataset": wds_rates, "png": png_rates},
+        "all_wall_rates": rates,
     }
     print()
-    print(f"write (encode + tar + fsync + index)      {figures['write_samples_per_s']:8.0f} samples/s")
-    print(f"sequential read, ShardReader (all fields) {figures['read_reader_samples_per_s']:8.0f} samples/s")
-    print(f"sequential read, webdataset + decode      {figures['read_webdataset_samples_per_s']:8.0f} samples/s")
-    print(f"loose PNG open + decode (denominator)     {figures['loose_png_decode_per_s']:8.0f} images/s")
-    print(f"ratio reader / loose PNG                  {figures['ratio_reader_over_png']:8.2f}")
-    print(f"ratio webdataset / loose PNG              {figures['ratio_webdataset_over_png']:8.2f}")
-    print(f"shard bytes per sample (incl. tar)        {figures['shard_bytes_per_sample']:8.0f} B")
+    print(f"{'samples/s (median of ' + str(repeats) + ')':42s} {'wall':>8s} {'cpu':>8s} {'ratio wall':>11s} {'ratio cpu':>10s}")
+    for name in wall:
+        ratio_wall = figures["ratio_over_loose_png_wall"].get(name)
+        ratio_cpu = figures["ratio_over_loose_png_cpu"].get(name)
+        print(f"{name:42s} {wall[name]:8.0f} {cpu[name]:8.0f} {'' if ratio_wall is None else f'{ratio_wall:11.2f}'} {'' if ratio_cpu is None else f'{ratio_cpu:10.2f}'}")
+    print("shard bytes per sample (incl. tar): " + ", ".join(f"{k} {v:.0f} B" for k, v in shard_bytes.items()))
     for name, size in sizes.items():
         print(f"bytes per sample, {name:10s}: png {size['png']:.0f}, masks {size['masks.bin']:.0f}, pyramid {size['pyramid.bin']:.0f}, "
               f"json {size['json']:.0f}, tar overhead {size['tar_headers_and_padding']:.0f}; masks+pyramid {size['masks_plus_pyramid_payload']:.0f} B "

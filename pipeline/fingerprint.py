@@ -2,11 +2,15 @@
 
 Every stage output is keyed by a sha256 over canonical JSON of everything that determines it:
 
-    ingest_fp  = H("ingest",  source sha256, ingest options,              INGEST_CODE_VERSION)
-    mask_fp    = H("mask",    ingest_fp, frame, masker fingerprint,
-                              per-sample masker inputs (e.g. label sha256),
-                              finalize options,                           MASK_CODE_VERSION)
-    pyramid_fp = H("pyramid", mask_fp, scales,                            PYRAMID_CODE_VERSION)
+    ingest_fp  = H("ingest",  source sha256, D(ingest options,            INGEST_CODE_VERSION))
+    mask_fp    = H("mask",    ingest_fp, frame,
+                              D(masker fingerprint (incl. checkpoint sha256), finalize options,
+                                                                          MASK_CODE_VERSION),
+                              per-sample masker inputs (e.g. label sha256))
+    pyramid_fp = H("pyramid", mask_fp, D(scales,                          PYRAMID_CODE_VERSION))
+
+``D(...)`` (:func:`stage_digest`) is computed once per run, so per-sample fingerprints hash a
+few short strings (a no-op run over 10,000 samples computes 30,000 of them).
     shard_fp   = H("pack",    ordered (key, pyramid_fp, ingest_fp) of members,
                               pack options,                               PACK_CODE_VERSION)
 
@@ -71,33 +75,41 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode("ascii")).hexdigest()
 
 
-def ingest_fingerprint(*, source_sha256: str, options: Mapping[str, Any]) -> str:
-    return fingerprint({"stage": "ingest", "source_sha256": source_sha256, "options": dict(options), "code": INGEST_CODE_VERSION})
+def ingest_fingerprint(*, source_sha256: str, options: Mapping[str, Any] | str) -> str:
+    """``options``: the ingest options, or their :func:`stage_digest` (computed once per run)."""
+    digest = options if isinstance(options, str) else stage_digest("ingest", options)
+    return _sha(f"ingest\0{source_sha256}\0{digest}")
 
 
-def mask_fingerprint(
-    *,
-    ingest_fp: str,
-    frame: int | None,
-    masker_fingerprint: Mapping[str, Any],
-    sample_inputs: Mapping[str, Any],
-    finalize_options: Mapping[str, Any],
-) -> str:
-    return fingerprint(
-        {
-            "stage": "mask",
-            "ingest": ingest_fp,
-            "frame": frame,
-            "masker": dict(masker_fingerprint),
-            "sample_inputs": dict(sample_inputs),
-            "finalize": dict(finalize_options),
-            "code": MASK_CODE_VERSION,
-        }
-    )
+def stage_digest(stage: str, settings: Mapping[str, Any]) -> str:
+    """Fingerprint of a stage's run-wide settings plus its code version; computed once per run
+    so that the per-sample fingerprints below only hash a few short strings."""
+    code = {"ingest": INGEST_CODE_VERSION, "mask": MASK_CODE_VERSION, "pyramid": PYRAMID_CODE_VERSION, "pack": PACK_CODE_VERSION}[stage]
+    return fingerprint({"stage": stage, "settings": dict(settings), "code": code})
 
 
-def pyramid_fingerprint(*, mask_fp: str, scales: Iterable[int]) -> str:
-    return fingerprint({"stage": "pyramid", "mask": mask_fp, "scales": [int(s) for s in scales], "code": PYRAMID_CODE_VERSION})
+def mask_stage_digest(*, masker_fingerprint: Mapping[str, Any], finalize_options: Mapping[str, Any]) -> str:
+    return stage_digest("mask", {"masker": dict(masker_fingerprint), "finalize": dict(finalize_options)})
+
+
+def pyramid_stage_digest(scales: Iterable[int]) -> str:
+    return stage_digest("pyramid", {"scales": [int(s) for s in scales]})
+
+
+def mask_fingerprint(*, ingest_fp: str, frame: int | None, mask_digest: str, sample_inputs: Mapping[str, Any]) -> str:
+    """``mask_digest``: :func:`mask_stage_digest` (masker fingerprint incl. checkpoint sha256,
+    finalize options, MASK_CODE_VERSION); ``sample_inputs``: per-sample files the masker reads
+    (e.g. the label's sha256)."""
+    inputs = canonical_json(dict(sample_inputs)) if sample_inputs else "{}"
+    return _sha(f"mask\0{ingest_fp}\0{'' if frame is None else int(frame)}\0{mask_digest}\0{inputs}")
+
+
+def pyramid_fingerprint(*, mask_fp: str, pyramid_digest: str) -> str:
+    return _sha(f"pyramid\0{mask_fp}\0{pyramid_digest}")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def shard_fingerprint(members: Iterable[tuple[str, str, str]], options: Mapping[str, Any]) -> str:

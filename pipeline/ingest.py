@@ -158,7 +158,13 @@ def discover_sources(corpus: str | os.PathLike) -> list[SourceFile]:
         raise UserInputError(f"{corpus}: corpus not found (give a folder or a list file)")
     if corpus.is_dir():
         found: list[SourceFile] = []
+        visited: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(corpus, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in visited:  # a symlink cycle: do not walk the same folder twice
+                dirnames[:] = []
+                continue
+            visited.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in filenames:
                 if filename.startswith("."):

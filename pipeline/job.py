@@ -21,6 +21,7 @@ of it. See docs/precompute.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -33,17 +34,15 @@ from pipeline.config import PrecomputeConfig
 from pipeline.executors import make_executor
 from pipeline.faults import fault_point
 from pipeline.fingerprint import (
-    INGEST_CODE_VERSION,
-    MASK_CODE_VERSION,
-    PACK_CODE_VERSION,
-    PYRAMID_CODE_VERSION,
     StatCache,
     canonical_json,
-    fingerprint,
     ingest_fingerprint,
     mask_fingerprint,
+    mask_stage_digest,
     pyramid_fingerprint,
+    pyramid_stage_digest,
     shard_fingerprint,
+    stage_digest,
 )
 from pipeline.ingest import make_key
 from pipeline.lock import OutputLock
@@ -69,6 +68,7 @@ CACHE_DIR = "cache"
 ERRORS_NAME = "errors.jsonl"
 REPORT_NAME = "report.json"
 STAT_CACHE_NAME = "stat-cache.json"
+MEMO_NAME = "plan-memo.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,39 +167,116 @@ def _check_config(config: PrecomputeConfig) -> None:
 
 def _index_fingerprints(settings: StageSettings, masker_fp: dict, config: PrecomputeConfig) -> dict[str, str]:
     return {
-        "ingest": fingerprint({"options": dict(settings.ingest_options), "code": INGEST_CODE_VERSION}),
-        "mask": fingerprint({"masker": masker_fp, "finalize": dict(settings.finalize_options), "code": MASK_CODE_VERSION}),
-        "pyramid": fingerprint({"scales": list(settings.scales), "code": PYRAMID_CODE_VERSION}),
-        "pack": fingerprint({"samples_per_shard": config.samples_per_shard, "code": PACK_CODE_VERSION}),
+        "ingest": settings.ingest_digest,
+        "mask": settings.mask_digest,
+        "pyramid": settings.pyramid_digest,
+        "pack": stage_digest("pack", {"samples_per_shard": config.samples_per_shard}),
         "masker": str(masker_fp.get("name", config.masker)),
     }
 
 
-def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings) -> SourcePlan:
+class PlanMemo:
+    """Derived, rebuildable facts that make a no-op run cheap, in ``DIR/cache/plan-memo.json``:
+
+    * ingest fingerprint -> its frames (immutable: the entry is content-addressed), so the
+      planner does not open every ingest entry;
+    * (source path, frame) -> the masker's per-sample inputs (e.g. the label file's name and
+      sha256) with the stat of the file they came from; trusted only while that file's
+      (size, mtime_ns, inode) are unchanged and its mtime is older than the memo (as in
+      ``StatCache``), otherwise ``masker.sample_fingerprint`` is asked again.
+
+    Losing or corrupting the file only costs time; it is written atomically at the end of a run.
+    """
+
+    def __init__(self, path: Path | None, *, racy_window_ns: int = 2_000_000_000) -> None:
+        self.path = path
+        self.racy_window_ns = racy_window_ns
+        self.frames: dict[str, list] = {}
+        self.inputs: dict[str, list] = {}
+        self.used_frames: dict[str, list] = {}
+        self.used_inputs: dict[str, list] = {}
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                self.frames, self.inputs = dict(data["frames"]), dict(data["inputs"])
+            except (ValueError, KeyError, TypeError, OSError):
+                pass
+
+    def ingest_frames(self, cache: StageCache, ingest_fp: str) -> list | None:
+        frames = self.frames.get(ingest_fp)
+        if frames is None:
+            try:
+                frames = cache.get_meta("ingest", ingest_fp)["frames"]
+            except (CacheEntryError, OSError, ValueError, KeyError):
+                return None
+        self.used_frames[ingest_fp] = frames
+        return frames
+
+    def sample_inputs(self, masker, meta) -> dict:
+        locate = getattr(masker, "label_path", None)
+        if locate is None:
+            return sample_inputs(masker, meta)
+        memo_key = f"{meta.extra['source_path']}\0{meta.frame}"
+        entry = self.inputs.get(memo_key)
+        if entry is not None:
+            path, size, mtime_ns, inode, made_ns, inputs = entry
+            try:
+                stat = os.stat(path)
+            except OSError:
+                stat = None
+            if stat is not None and (stat.st_size, stat.st_mtime_ns, stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
+                self.used_inputs[memo_key] = entry
+                return inputs
+        made_ns = time.time_ns()
+        inputs = sample_inputs(masker, meta)  # raises SampleError (no label), not memoised
+        path = os.fspath(locate(meta))
+        stat = os.stat(path)
+        self.used_inputs[memo_key] = [path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs]
+        return inputs
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from pipeline.cache import atomic_write_bytes
+
+        data = {"version": 1, "frames": self.used_frames, "inputs": self.used_inputs}
+        atomic_write_bytes(self.path, json.dumps(data, separators=(",", ":")).encode(), fsync=False)
+
+    def remember_computed(self, cache: StageCache, masker, samples: Sequence[SampleRef], source_paths: dict[str, str]) -> None:
+        """Fill the memo for samples the workers just produced, so the next run is cheap."""
+        for ref in samples:
+            if ref.ingest_fp not in self.used_frames:
+                self.ingest_frames(cache, ref.ingest_fp)
+            meta = image_meta(ref.key, ref.relpath, ref.frame, ref.original_size, source_paths.get(ref.relpath, ref.relpath))
+            try:
+                self.sample_inputs(masker, meta)
+            except Exception:
+                pass
+
+
+def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings, memo: PlanMemo) -> SourcePlan:
     if not cache.has("ingest", task.ingest_fp):
         failure = cache.get_failure("ingest", task.ingest_fp)
         if failure is not None:
             return SourcePlan(task, "failed", [], error=ErrorRecord(task.relpath, "ingest", failure["reason"]))
         return SourcePlan(task, "run", [])
-    try:
-        meta = cache.get_meta("ingest", task.ingest_fp)
-    except (CacheEntryError, OSError, ValueError):
+    frames = memo.ingest_frames(cache, task.ingest_fp)
+    if frames is None:
         return SourcePlan(task, "run", [])
-    plan = SourcePlan(task, "ready", [], frames_known=len(meta["frames"]))
-    masker_fp = masker.fingerprint()
-    for index, frame_meta in enumerate(meta["frames"]):
+    plan = SourcePlan(task, "ready", [], frames_known=len(frames))
+    for index, frame_meta in enumerate(frames):
         frame = frame_meta["frame"]
         key = make_key(task.relpath, frame)
         imeta = image_meta(key, task.relpath, frame, frame_meta["original_size"], task.path)
         try:
-            inputs = sample_inputs(masker, imeta)
+            inputs = memo.sample_inputs(masker, imeta)
         except Exception:  # the worker records the reason
             plan.status = "run"
             plan.masks_missing += 1
             plan.pyramids_missing += 1
             continue
-        mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, masker_fingerprint=masker_fp, sample_inputs=inputs, finalize_options=settings.finalize_options)
-        pyramid_fp = pyramid_fingerprint(mask_fp=mask_fp, scales=settings.scales)
+        mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, mask_digest=settings.mask_digest, sample_inputs=inputs)
+        pyramid_fp = pyramid_fingerprint(mask_fp=mask_fp, pyramid_digest=settings.pyramid_digest)
         has_mask = cache.has("mask", mask_fp)
         has_pyramid = cache.has("pyramid", pyramid_fp)
         if not has_mask:
@@ -276,15 +353,19 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     masker_fp = masker.fingerprint()
     spec = MaskerSpec(name=config.masker, options_json=canonical_json(masker_options), fingerprint_json=canonical_json(masker_fp))
     ingest_options = ingest_options_of(stored_size=config.stored_size, every_nth_frame=config.every_nth_frame)
+    finalize_options = {"min_area": config.min_area, "max_masks": config.max_masks, "add_residual": config.add_residual}
     settings = StageSettings(
         cache_root=str(cache_root.resolve()),
         stored_size=config.stored_size,
         every_nth_frame=config.every_nth_frame,
         ingest_options=ingest_options,
-        finalize_options={"min_area": config.min_area, "max_masks": config.max_masks, "add_residual": config.add_residual},
+        finalize_options=finalize_options,
         scales=tuple(int(s) for s in config.scales),
         batch_size=config.batch_size,
         masker=spec,
+        ingest_digest=stage_digest("ingest", ingest_options),
+        mask_digest=mask_stage_digest(masker_fingerprint=masker_fp, finalize_options=finalize_options),
+        pyramid_digest=pyramid_stage_digest(config.scales),
     )
 
     # -- 1. plan ------------------------------------------------------------------------------
@@ -292,11 +373,12 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     stat_cache = StatCache(cache_root / STAT_CACHE_NAME if not config.dry_run else None)
     if config.dry_run and (cache_root / STAT_CACHE_NAME).exists():
         stat_cache = StatCache(cache_root / STAT_CACHE_NAME)  # read it, never save it
+    memo = PlanMemo(cache_root / MEMO_NAME)
     errors: list[ErrorRecord] = []
     plans: list[SourcePlan] = []
     hash_start = time.perf_counter()
     for source in sources:
-        path = os.fspath(Path(source.path).resolve())
+        path = os.path.abspath(source.path)
         try:
             digest = stat_cache.sha256(path)
         except FileNotFoundError:
@@ -307,8 +389,8 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
             errors.append(ErrorRecord(source.relpath, "ingest", f"cannot read file ({exc.strerror or exc})"))
             report.stages["ingest"].failed += 1
             continue
-        task = SourceTask(path=path, relpath=source.relpath, source_sha256=digest, ingest_fp=ingest_fingerprint(source_sha256=digest, options=ingest_options))
-        plans.append(_plan_source(task, cache, masker, settings))
+        task = SourceTask(path=path, relpath=source.relpath, source_sha256=digest, ingest_fp=ingest_fingerprint(source_sha256=digest, options=settings.ingest_digest))
+        plans.append(_plan_source(task, cache, masker, settings, memo))
     report.source_hash_seconds = time.perf_counter() - hash_start
     report.sources_hashed = stat_cache.hashed
     report.plan_seconds = time.perf_counter() - plan_start
@@ -365,6 +447,9 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
                 progress.advance("ingest", result.sources_done)
                 progress.advance("mask", produced)
                 progress.advance("pyramid", len(result.samples))
+        if to_run:
+            ran = {t.ingest_fp for t in to_run}
+            memo.remember_computed(cache, masker, [r for r in samples if r.ingest_fp in ran], {t.relpath: t.path for t in to_run})
         # -- 3. pack ------------------------------------------------------------------------
         samples = _drop_duplicate_keys(samples, errors)
         samples.sort(key=lambda ref: ref.key)
@@ -384,6 +469,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
         executor.close()
 
     stat_cache.save(keep=[p.task.path for p in plans])
+    memo.save()
     if config.gc:
         removed, _freed = cache.garbage_collect(_referenced(plans, samples, shard_fps))
         report.cache_removed = removed

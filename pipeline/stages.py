@@ -63,6 +63,9 @@ class StageSettings:
     scales: tuple[int, ...]
     batch_size: int
     masker: MaskerSpec
+    ingest_digest: str  # pipeline.fingerprint.stage_digest of the ingest options
+    mask_digest: str  # ... of masker fingerprint + finalize options
+    pyramid_digest: str  # ... of the scales
 
 
 @dataclass(frozen=True)
@@ -262,12 +265,10 @@ def run_source_batch(tasks: Sequence[SourceTask], settings: StageSettings) -> Ta
                 result.errors.append(ErrorRecord(task.relpath, "mask", _one_line(exc), key))
                 result.tallies["mask"].failed += 1
                 continue
-            mask_fp = mask_fingerprint(
-                ingest_fp=task.ingest_fp, frame=frame, masker_fingerprint=masker.fingerprint(), sample_inputs=inputs, finalize_options=settings.finalize_options
-            )
+            mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, mask_digest=settings.mask_digest, sample_inputs=inputs)
             item = {
                 "task": task, "index": index, "frame_meta": frame_meta, "meta": imeta, "mask_fp": mask_fp,
-                "pyramid_fp": pyramid_fingerprint(mask_fp=mask_fp, scales=settings.scales), "sections": sections, "ingest_meta": meta,
+                "pyramid_fp": pyramid_fingerprint(mask_fp=mask_fp, pyramid_digest=settings.pyramid_digest), "sections": sections, "ingest_meta": meta,
             }
             if cache.has("mask", mask_fp):
                 result.tallies["mask"].reused += 1

@@ -35,6 +35,8 @@ from anaus_core.maskset import MaskSet
 FORMAT_VERSION = 1
 DEFAULT_SCALES: tuple[int, ...] = (7, 14, 28, 56)
 DEFAULT_COMPRESSION_LEVEL = 12
+#: zlib level of the stored PNG (see encode_image and docs/benchmarks/shards.md for the trade-off).
+DEFAULT_PNG_COMPRESS_LEVEL = 6
 
 #: Member fields of one sample, in the order they are written to the tar.
 FIELDS: tuple[str, ...] = ("png", "masks.bin", "pyramid.bin", "json")
@@ -373,12 +375,14 @@ def decode_pyramid(data: bytes) -> dict[int, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_image(image: np.ndarray) -> bytes:
+def encode_image(image: np.ndarray, *, compress_level: int = 6) -> bytes:
+    """uint8 (H, W) -> PNG bytes. ``compress_level`` 0 stores the pixels uncompressed inside
+    the PNG: larger, but it decodes about twice as fast (no inflate, no filters)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"image must be uint8 (H, W), got {image.dtype} {image.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
@@ -414,6 +418,7 @@ def encode_sample(
     *,
     codec: str = "zstd",
     level: int = DEFAULT_COMPRESSION_LEVEL,
+    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
 ) -> dict[str, Any]:
     """ShardSample -> webdataset dict ``{"__key__": key, "png": b, "masks.bin": b, "pyramid.bin": b, "json": b}``.
 
@@ -440,7 +445,7 @@ def encode_sample(
     if problems:
         raise ValueError(f"{key}: {problems[0]}")
 
-    png = encode_image(image)
+    png = encode_image(image, compress_level=png_compress_level)
     masks_bytes = encode_masks(mask_set.masks, codec=codec_number, level=level)
     pyramid_bytes = encode_pyramid(sample.mask_pyramid, codec=codec_number, level=level)
     record[STORAGE_KEY] = {
@@ -511,23 +516,29 @@ def decode_sample(raw: Mapping[str, Any], *, verify: bool = True) -> ShardSample
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SampleFormatError(f"{key}: record masks are malformed ({exc})") from None
-    mask_set._areas = layer_areas(layers, layer_of_mask)  # fill MaskSet's area cache cheaply
+    if verify:
+        # The writer checked record areas against the masks and the crc32s prove the bytes are the
+        # ones it wrote, so the record's areas can fill MaskSet's area cache (summing M full-size
+        # planes would cost more than decoding the image). validate() recomputes them.
+        mask_set._areas = np.asarray([int(m["area"]) for m in mask_records], np.int64)
     sample = ShardSample(key=key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record)
     if verify:
-        problems = record_problems(sample, storage)
+        problems = record_problems(sample, storage, recompute_areas=False)
         if problems:
             raise SampleFormatError(f"{key}: {problems[0]}")
     return sample
 
 
-def record_problems(sample: ShardSample, storage: Mapping[str, Any] | None = None) -> list[str]:
-    """Cheap record-vs-arrays checks: shapes, mask count, areas, scales."""
+def record_problems(sample: ShardSample, storage: Mapping[str, Any] | None = None, *, recompute_areas: bool = True) -> list[str]:
+    """Record-vs-arrays checks: shapes, mask count, scales and (``recompute_areas``) the areas
+    counted on the masks themselves rather than taken from MaskSet's cache."""
     problems: list[str] = []
     height, width = sample.image.shape
     if sample.mask_set.shape != (height, width):
         problems.append(f"masks are {sample.mask_set.shape}, image is {(height, width)}")
     mask_records = sample.record.get("masks", [])
-    areas = sample.mask_set.areas
+    masks = sample.mask_set.masks
+    areas = np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1) if recompute_areas and masks.size else sample.mask_set.areas
     if len(mask_records) != len(areas):
         problems.append(f"record lists {len(mask_records)} masks, arrays hold {len(areas)}")
     else:

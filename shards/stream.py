@@ -12,7 +12,8 @@ Equal batches on every rank (no DDP hang on uneven shards)
     ``batches_per_epoch = N // (world_size * batch_size)`` batches; the remainder (< world ×
     batch samples) is dropped globally. A rank's batches are split over its DataLoader workers
     (worker ``w`` makes rank batches ``w, w+R, w+2R, …``, exactly the order in which the
-    DataLoader interleaves workers), and each (rank, worker) *stream* reads one contiguous run of
+    DataLoader interleaves workers; after a resume the workers are rotated so that worker 0 makes
+    the next batch), and each (rank, worker) *stream* reads one contiguous run of
     the virtual sequence, crossing shard boundaries as needed. Shard sizes therefore never
     change how many batches a rank gets. A shard that holds fewer samples than the plan expects
     raises ``ShardReadError`` instead of ending the epoch early on one rank.
@@ -23,13 +24,21 @@ Shuffling and determinism
     window). A sample's augmentation is seeded by (seed, epoch, position), so it does not depend
     on which worker made it. Nothing reads global RNG state.
 
+Global shuffle through the index (``shuffle_buffer=0``)
+    For a shard directory with its index (per-sample byte offsets), an epoch is one global
+    permutation of all samples; rank ``r`` takes batches ``r·bpe … (r+1)·bpe − 1`` of it and
+    each sample is read with one seek + read of its byte range. Batch contents then do not
+    depend on the number of workers either. Without an index (brace patterns, URLs) the
+    windowed stream above is used.
+
 Resume
     The resume state is ``{"epoch": e, "batches_done": n}`` (rank batches consumed). The plan is
     regenerated; each worker skips the windows that lie wholly before its next batch at the tar
     member level (``select_files`` drops the members, nothing is decoded), and inside a partly
     consumed window it reads the raw bytes, applies the same permutation and decodes only the
-    samples not yet delivered. The plan depends on ``num_workers``: resume with the same
-    number of workers, world size and batch size (they are part of the run's locked config).
+    samples not yet delivered. The stream-mode plan depends on ``num_workers``: resume with the
+    same number of workers, world size and batch size (the indexed mode needs only the same
+    world size and batch size).
 """
 
 from __future__ import annotations
@@ -68,10 +77,28 @@ class ShardSource:
     urls: tuple[str, ...]
     sizes: tuple[int, ...]
     origin: str = ""
+    # Per-sample byte ranges from the index (canonical order), when the source has one: enables
+    # the globally shuffled random-access mode. None for brace patterns / URLs without an index.
+    offsets: np.ndarray | None = field(default=None, repr=False, compare=False)
+    nbytes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
         return int(sum(self.sizes))
+
+    @property
+    def indexed(self) -> bool:
+        return self.offsets is not None and self.nbytes is not None
+
+    @property
+    def first_sample(self) -> np.ndarray:
+        """Canonical number of the first sample of each shard (shards in canonical order)."""
+        return np.concatenate([[0], np.cumsum(np.asarray(self.sizes, dtype=np.int64))[:-1]]).astype(np.int64)
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        """(shard number, sample number inside it) of a canonical sample number."""
+        shard = int(np.searchsorted(self.first_sample, sample, side="right") - 1)
+        return shard, int(sample - self.first_sample[shard])
 
 
 def open_url(url: str):
@@ -116,18 +143,33 @@ def count_samples(url: str) -> int:
     return count
 
 
-def _sizes_from_index(directory: Path, names: Sequence[str]) -> list[int] | None:
-    """Per-shard sample counts from the shard store's manifest, or None when there is none."""
+def _read_store_index(directory: Path, names: Sequence[str]) -> tuple[list[int], np.ndarray | None, np.ndarray | None] | None:
+    """(per-shard counts, per-sample offsets, per-sample sizes) from the shard store's index
+    (``shards.index``); None when the directory has no manifest."""
     if not (directory / "manifest.json").exists():
         return None
-    from shards.index import read_manifest
+    from shards.index import read_index, read_manifest
 
     counts = {Path(str(entry["name"])).name: int(entry["samples"]) for entry in read_manifest(directory)["shards"]}
     unindexed = [name for name in names if name not in counts]
     if unindexed:
         raise UserInputError(f"{directory}: shard {unindexed[0]} is not in manifest.json (an interrupted write?); "
                              "re-run precompute-masks or remove it")
-    return [counts[name] for name in names]
+    sizes = [counts[name] for name in names]
+    if not (directory / "index.zarr").exists():
+        return sizes, None, None
+    index = read_index(directory)
+    index_names = [Path(entry.name).name for entry in index.shards]
+    offsets, nbytes = [], []
+    for name in names:
+        rows = index.rows_of_shard(index_names.index(name))
+        order = np.argsort(index.offset[rows], kind="stable")
+        offsets.append(index.offset[rows][order])
+        nbytes.append(index.size[rows][order])
+    offsets_all, nbytes_all = np.concatenate(offsets).astype(np.int64), np.concatenate(nbytes).astype(np.int64)
+    if len(offsets_all) != sum(sizes):
+        raise UserInputError(f"{directory}: index.zarr lists {len(offsets_all)} samples, manifest.json {sum(sizes)}")
+    return sizes, offsets_all, nbytes_all
 
 
 def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Sequence[int] | None = None) -> ShardSource:
@@ -139,6 +181,7 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Se
     origin = str(source) if not isinstance(source, (list, tuple)) else f"{len(source)} shard URLs"
     urls: list[str]
     sizes: list[int] | None = None
+    offsets = nbytes = None
     if isinstance(source, (list, tuple)):
         urls = [str(u) for u in source]
     else:
@@ -149,7 +192,9 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Se
             if not names:
                 raise UserInputError(f"{local}: no *.tar shards in this directory")
             urls = [str(local / name) for name in names]
-            sizes = _sizes_from_index(local, names)
+            stored = _read_store_index(local, names)
+            if stored is not None:
+                sizes, offsets, nbytes = stored
         elif "{" in text or text.startswith("pipe:"):
             import webdataset as wds
 
@@ -174,11 +219,12 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Se
         raise UserInputError(f"{origin}: no shards")
     if shard_sizes is not None:
         sizes = [int(s) for s in shard_sizes]
+        offsets = nbytes = None
         if len(sizes) != len(urls):
             raise UserInputError(f"{origin}: {len(urls)} shards but {len(sizes)} shard sizes given")
     if sizes is None:
         sizes = [count_samples(url) for url in urls]
-    return ShardSource(urls=tuple(urls), sizes=tuple(sizes), origin=origin)
+    return ShardSource(urls=tuple(urls), sizes=tuple(sizes), origin=origin, offsets=offsets, nbytes=nbytes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,10 +321,10 @@ def read_shard(url: str, *, skip: int = 0) -> Iterator[dict[str, Any]]:
 
 
 class RawSample:
-    """Default per-sample transform of ``ShardStream``: the key and epoch position, nothing decoded."""
+    """Default per-sample transform of ``ShardStream``: the key and sample number, nothing decoded."""
 
-    def __call__(self, raw: Mapping[str, Any], position: int, epoch: int) -> dict[str, Any]:
-        return {"__key__": raw["__key__"], "index": position}
+    def __call__(self, raw: Mapping[str, Any], number: int, epoch: int) -> dict[str, Any]:
+        return {"__key__": raw["__key__"], "index": number}
 
 
 def _as_list(samples: list) -> list:
@@ -288,6 +334,14 @@ def _as_list(samples: list) -> list:
 class ShardStream(IterableDataset):
     """One rank's share of an epoch of shards, as batches (picklable; use with ``batch_size=None`` loaders).
 
+    Two modes, same guarantees (equal batches per rank, deterministic, resumable):
+
+    * ``"stream"`` (any source): shards in a per-epoch order, read sequentially by each
+      (rank, worker) stream, shuffled inside windows of ``shuffle_buffer`` samples.
+    * ``"indexed"`` (``shuffle_buffer=0`` and a shard directory with its index): one global
+      permutation of all samples per epoch; every sample is read by one seek + read of its byte
+      range. Batch contents do not depend on the number of workers.
+
     Args:
         source: the shards and their sample counts (``resolve_shards``).
         batch_size: samples per batch on this rank.
@@ -295,11 +349,15 @@ class ShardStream(IterableDataset):
         rank, world_size: this process's place in the job.
         num_workers: DataLoader workers that will iterate this dataset (0 = main process).
         start_batch: rank batches of this epoch already consumed (resume).
-        shuffle_buffer: samples per shuffle window (rounded up to whole batches).
-        shuffle_shards: permute shard order per epoch.
-        transform: ``(raw sample, position, epoch) -> sample``; default keeps the key only.
+        shuffle_buffer: samples per shuffle window (rounded up to whole batches); 0 = global
+            shuffle through the index when the source has one, else windows of 1024.
+        shuffle_shards: permute shard order per epoch (stream mode).
+        transform: ``(raw sample, sample number, epoch) -> sample``; default keeps the key only.
+            The sample number is canonical (shards in name order, members in tar order).
         collate: ``list of samples -> batch``; default returns the list.
     """
+
+    DEFAULT_WINDOW = 1024
 
     def __init__(self, source: ShardSource, *, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle_buffer: int = 1024,
@@ -314,7 +372,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_workers = int(num_workers)
         self.start_batch = int(start_batch)
-        self.window = max(1, math.ceil(max(1, int(shuffle_buffer)) / self.batch_size)) * self.batch_size
+        self.mode = "indexed" if int(shuffle_buffer) <= 0 and source.indexed else "stream"
+        buffer = int(shuffle_buffer) if int(shuffle_buffer) > 0 else self.DEFAULT_WINDOW
+        self.window = max(1, math.ceil(buffer / self.batch_size)) * self.batch_size
         self.shuffle_shards = bool(shuffle_shards)
         self.transform = transform if transform is not None else RawSample()
         self.collate = collate if collate is not None else _as_list
@@ -338,27 +398,38 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
 
-    def rank_batch_positions(self) -> list[np.ndarray]:
-        """Positions of every batch this rank yields this epoch (from ``start_batch``), in order, without reading."""
-        plan = self.plan()
-        per_worker = []
-        for worker in range(self.streams_per_rank):
-            stream = self.rank * self.streams_per_rank + worker
-            skip = batches_before(worker, self.streams_per_rank, self.start_batch)
-            batches = [p for _, p in stream_batch_positions(plan, stream, batch_size=self.batch_size, window=self.window,
-                                                            seed=self.seed, epoch=self.epoch)]
-            per_worker.append(batches[skip:])
-        ordered = []
-        for round_index in range(max((len(b) for b in per_worker), default=0)):
-            ordered.extend(b[round_index] for b in per_worker if round_index < len(b))
-        return ordered
+    # -- which samples ------------------------------------------------------------------------
+    def _global_permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, _PLAN_SALT, 1]).permutation(self.source.num_samples)
 
-    def position_to_shard(self, position: int, plan: EpochPlan | None = None) -> tuple[int, int]:
-        """(canonical shard number, sample number inside it) of a virtual position."""
+    def _indexed_batch(self, permutation: np.ndarray, rank_batch: int) -> np.ndarray:
+        start = (self.rank * self.batches_per_epoch + rank_batch) * self.batch_size
+        return permutation[start:start + self.batch_size]
+
+    def virtual_to_sample(self, position: int, plan: EpochPlan | None = None) -> int:
+        """Canonical sample number at a virtual position of the stream-mode plan."""
         plan = plan or self.plan()
         slot = bisect.bisect_right(plan.shard_starts, position) - 1
-        return plan.shard_order[slot], position - plan.shard_starts[slot]
+        shard = plan.shard_order[slot]
+        return int(self.source.first_sample[shard] + position - plan.shard_starts[slot])
 
+    def rank_batch_samples(self) -> list[np.ndarray]:
+        """Canonical sample numbers of every batch this rank yields this epoch (from ``start_batch``),
+        in order, computed without reading anything."""
+        if self.mode == "indexed":
+            permutation = self._global_permutation()
+            return [self._indexed_batch(permutation, j) for j in range(self.start_batch, self.batches_per_epoch)]
+        plan = self.plan()
+        per_stream = []
+        for worker in range(self.streams_per_rank):
+            stream = self.rank * self.streams_per_rank + worker
+            per_stream.append([p for _, p in stream_batch_positions(plan, stream, batch_size=self.batch_size,
+                                                                    window=self.window, seed=self.seed, epoch=self.epoch)])
+        # rank batch j is batch j // R of stream j % R
+        ordered = [per_stream[j % self.streams_per_rank][j // self.streams_per_rank] for j in range(plan.batches_per_epoch)]
+        return [np.array([self.virtual_to_sample(int(p), plan) for p in batch]) for batch in ordered[self.start_batch:]]
+
+    # -- reading ------------------------------------------------------------------------------
     def _raw_from(self, plan: EpochPlan, position: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(position, raw sample)`` from virtual ``position`` on, crossing shards in plan order."""
         slot = bisect.bisect_right(plan.shard_starts, position) - 1
@@ -377,15 +448,53 @@ class ShardStream(IterableDataset):
                                      "(truncated or rewritten shard; run `anaus validate`/re-run precompute-masks)")
             skip = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def _worker_slot(self) -> tuple[int, int]:
+        """(logical stream of this worker, batches it skips). The DataLoader always starts its round
+        robin at worker 0; after a resume the next rank batch (start_batch) belongs to stream
+        start_batch % R, so the streams are rotated."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.streams_per_rank:
             raise RuntimeError(f"ShardStream was planned for {self.streams_per_rank} stream(s) per rank but runs in "
                                f"{workers}; build it with num_workers equal to the DataLoader's")
+        logical = (worker + self.start_batch) % self.streams_per_rank
+        return logical, batches_before(logical, self.streams_per_rank, self.start_batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iter_indexed() if self.mode == "indexed" else self._iter_stream()
+
+    def _iter_indexed(self) -> Iterator[Any]:
+        from shards.reader import parse_sample_bytes
+
+        logical, _ = self._worker_slot()
+        permutation = self._global_permutation()
+        first = self.start_batch + (logical - self.start_batch) % self.streams_per_rank
+        handles: dict[int, Any] = {}
+        try:
+            for rank_batch in range(first, self.batches_per_epoch, self.streams_per_rank):
+                samples = []
+                for number in self._indexed_batch(permutation, rank_batch):
+                    number = int(number)
+                    shard, _ = self.source.locate(number)
+                    url = self.source.urls[shard]
+                    if shard not in handles:
+                        handles[shard] = open_url(url)
+                    handle = handles[shard]
+                    handle.seek(int(self.source.offsets[number]))
+                    chunk = handle.read(int(self.source.nbytes[number]))
+                    if len(chunk) != int(self.source.nbytes[number]):
+                        raise ShardReadError(f"{url}: truncated (sample {number} ends past the end of the file)")
+                    raw = parse_sample_bytes(chunk, url).as_webdataset_dict(url)
+                    samples.append(self.transform(raw, number, self.epoch))
+                yield self.collate(samples)
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def _iter_stream(self) -> Iterator[Any]:
+        logical, skip_batches = self._worker_slot()
         plan = self.plan()
-        stream = self.rank * self.streams_per_rank + worker
-        skip_batches = batches_before(worker, self.streams_per_rank, self.start_batch)
+        stream = self.rank * self.streams_per_rank + logical
         batches = stream_batch_positions(plan, stream, batch_size=self.batch_size, window=self.window,
                                          seed=self.seed, epoch=self.epoch)
         raw_iter: Iterator[tuple[int, dict[str, Any]]] | None = None
@@ -410,7 +519,8 @@ class ShardStream(IterableDataset):
                         raise ShardReadError(f"stream {stream}: window {window_index} has {len(window_raw)} of "
                                              f"{window_end - window_start} samples")
                     current_window = window_index
-                samples = [self.transform(window_raw.pop(int(p)), int(p), self.epoch) for p in positions]
+                samples = [self.transform(window_raw.pop(int(p)), self.virtual_to_sample(int(p), plan), self.epoch)
+                           for p in positions]
                 yield self.collate(samples)
         finally:
             if raw_iter is not None:
@@ -430,8 +540,8 @@ def _default_decode(raw: Mapping[str, bytes]):
 class PretrainSampleTransform:
     """Raw webdataset sample -> one sample of the pre-training batch (decode + paired views).
 
-    The sample's generator is seeded by (seed, epoch, position), so its crops, flips and sampled
-    ids are the same whichever worker makes it and whether or not the run was resumed.
+    The sample's generator is seeded by (seed, epoch, sample number), so its crops, flips and
+    sampled ids are the same whichever worker makes it and whether or not the run was resumed.
     """
 
     def __init__(self, view_config=None, *, seed: int = 0, decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> None:
@@ -441,7 +551,7 @@ class PretrainSampleTransform:
         self.seed = int(seed)
         self.decode = decode if decode is not None else _default_decode
 
-    def __call__(self, raw: Mapping[str, Any], position: int, epoch: int) -> dict[str, np.ndarray]:
+    def __call__(self, raw: Mapping[str, Any], number: int, epoch: int) -> dict[str, np.ndarray]:
         sample = self.decode(raw)
         mask_set = sample.mask_set
         area_grid = None
@@ -449,9 +559,9 @@ class PretrainSampleTransform:
         if pyramid and len(mask_set):
             finest = max(pyramid)
             area_grid = np.asarray(pyramid[finest], dtype=np.float32) / 255.0
-        rng = np.random.default_rng([self.seed, epoch, position])
+        rng = np.random.default_rng([self.seed, epoch, number])
         out = self.views(sample.image, mask_set.masks, mask_set.ids, rng=rng, area_grid=area_grid)
-        out["index"] = np.int64(position)
+        out["index"] = np.int64(number)
         return out
 
 
@@ -478,13 +588,15 @@ class PretrainLoader:
 
 def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSource, *, batch_size: int, num_workers: int = 0,
                           rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0,
-                          view_config=None, num_mask_samples: int | None = None, shuffle_buffer: int = 1024,
+                          view_config=None, num_mask_samples: int | None = None, shuffle_buffer: int = 0,
                           pin_memory: bool = False, prefetch_factor: int = 2,
                           decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> PretrainLoader:
     """A loader that yields CONTRACTS.md pre-training batches (dict of CPU tensors) for one rank and epoch.
 
     ``len(loader) == batches_per_epoch - start_batch``, identical on every rank. ``index`` in
-    each batch is the sample's position in the epoch's virtual sequence.
+    each batch is the canonical sample number (shards in name order, members in tar order; the
+    row of the sample in the shard store's index). ``shuffle_buffer=0`` selects the global
+    random-access shuffle when the source is a shard directory with its index.
     """
     from dataclasses import replace
 
@@ -509,7 +621,7 @@ class ShardDataSource:
     num_workers: int = 0
     seed: int = 0
     view_config: Any = None
-    shuffle_buffer: int = 1024
+    shuffle_buffer: int = 0
     pin_memory: bool = False
     prefetch_factor: int = 2
     decode: Callable[[Mapping[str, bytes]], Any] | None = field(default=None, repr=False)

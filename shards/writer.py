@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from shards.sample import (
     DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_PNG_COMPRESS_LEVEL,
     DEFAULT_SCALES,
     FIELDS,
     STORAGE_KEY,
@@ -145,8 +146,16 @@ class ShardFileWriter:
     with an exception removes the temporary file.
     """
 
-    def __init__(self, path: str | os.PathLike, *, codec: str = "zstd", level: int = DEFAULT_COMPRESSION_LEVEL):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        codec: str = "zstd",
+        level: int = DEFAULT_COMPRESSION_LEVEL,
+        png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+    ):
         self.path = Path(path)
+        self.png_compress_level = png_compress_level
         if self.path.suffix != ".tar":
             raise ValueError(f"{self.path}: shard names must end in .tar")
         self.codec = codec
@@ -170,7 +179,7 @@ class ShardFileWriter:
         """Add a ShardSample, or a dict already produced by :func:`encode_sample`."""
         if self._closed:
             raise RuntimeError(f"{self.path}: writer is closed")
-        encoded = encode_sample(sample, codec=self.codec, level=self.level) if isinstance(sample, ShardSample) else sample
+        encoded = encode_sample(sample, codec=self.codec, level=self.level, png_compress_level=self.png_compress_level) if isinstance(sample, ShardSample) else sample
         key = check_key(encoded["__key__"])
         if key in self._keys:
             raise ValueError(f"{self.path.name}: duplicate key {key!r}")
@@ -223,12 +232,13 @@ def write_shard(
     *,
     codec: str = "zstd",
     level: int = DEFAULT_COMPRESSION_LEVEL,
+    png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
 ) -> ShardInfo:
     """Write ``samples`` to the shard ``path`` (``*.tar``) atomically and return its ShardInfo.
 
     An existing shard of that name is replaced only once the new one is complete.
     """
-    writer = ShardFileWriter(path, codec=codec, level=level)
+    writer = ShardFileWriter(path, codec=codec, level=level, png_compress_level=png_compress_level)
     try:
         for sample in samples:
             writer.add(sample)
@@ -262,6 +272,7 @@ class ShardWriter:
         start_index: int = 0,
         codec: str = "zstd",
         level: int = DEFAULT_COMPRESSION_LEVEL,
+        png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
     ):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
@@ -275,6 +286,7 @@ class ShardWriter:
         self.next_index = start_index
         self.codec = codec
         self.level = level
+        self.png_compress_level = png_compress_level
         self.shard_infos: list[ShardInfo] = []
         self._current: ShardFileWriter | None = None
         self._keys: set[str] = set()
@@ -288,7 +300,9 @@ class ShardWriter:
         if sample.key in self._keys:
             raise ValueError(f"duplicate key {sample.key!r}")
         if self._current is None:
-            self._current = ShardFileWriter(self.out_dir / self.name_pattern.format(self.next_index), codec=self.codec, level=self.level)
+            self._current = ShardFileWriter(
+                self.out_dir / self.name_pattern.format(self.next_index), codec=self.codec, level=self.level, png_compress_level=self.png_compress_level
+            )
             self.next_index += 1
         entry = self._current.add(sample)
         self._keys.add(sample.key)

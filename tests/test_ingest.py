@@ -294,6 +294,13 @@ def test_list_file_relative_absolute_comments_and_duplicates(tmp_path, format_co
         ingest_source(sources[2])
 
 
+def test_symlink_cycle_is_walked_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(gradient(8, 8)).save(tmp_path / "a" / "img.png")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert [s.relpath for s in discover_sources(tmp_path)] == ["a/img.png"]
+
+
 def test_missing_corpus_is_a_user_error(tmp_path):
     with pytest.raises(UserInputError, match="not found"):
         discover_sources(tmp_path / "nope")

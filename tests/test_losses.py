@@ -176,7 +176,8 @@ def test_gather_two_process_gloo_equals_single_process():
     inputs = {"p1": p1, "p2": p2, "t1": t1, "t2": t2, "ids": ids, "v1": v1, "v2": v2}
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_gather_worker, args=(2, init_file, inputs, tmp), nprocs=2, join=True)
+        # fork: the children reuse this process's imported torch (spawn re-imports it, ~10 s here)
+        mp.start_processes(_gather_worker, args=(2, init_file, inputs, tmp), nprocs=2, join=True, start_method="fork")
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
 
     p1s, p2s = p1.clone().requires_grad_(True), p2.clone().requires_grad_(True)

@@ -131,6 +131,20 @@ def test_empty_masks_give_zero_anatomy_loss_not_nan():
     losses["loss"].backward()  # still differentiable
 
 
+def test_masks_flagged_invalid_do_not_influence_the_loss():
+    model = small_model(context=False, scales=[7, 28])
+    batch = make_batch(size=32)
+    batch["mask_valid2"][0, 1] = False
+    batch["mask_valid1"][2, 3] = False
+    reference = model(batch)["loss"]
+    changed = dict(batch)
+    changed["masks2"] = batch["masks2"].clone()
+    changed["masks2"][0, 1] = 1.0 - changed["masks2"][0, 1]
+    changed["masks1"] = batch["masks1"].clone()
+    changed["masks1"][2, 3] = torch.rand(32, 32).round()
+    assert torch.allclose(model(changed)["loss"], reference, atol=1e-6)
+
+
 def test_one_training_step_updates_target_once_by_ema_formula():
     from anaus_core.optim import build_lars, param_groups_excluding_norm_and_bias
 
@@ -232,3 +246,23 @@ def test_forward_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(make_batch(batch=2, size=32), generator=torch.Generator().manual_seed(0))
     assert losses["loss"].dtype == torch.float32 and math.isfinite(losses["loss"].item())
+
+
+@pytest.mark.gpu
+def test_cuda_forward_matches_cpu_and_runs_under_bf16_channels_last():
+    model = small_model(scales=[7, 14, 28, 56])
+    batch = make_batch(size=64)
+    cpu = model(batch, generator=torch.Generator().manual_seed(0))
+    model = model.to("cuda")
+    on_device = {k: v.to("cuda") for k, v in batch.items()}
+    cuda = model(on_device, generator=torch.Generator().manual_seed(0))  # CPU generator: same damage
+    for key in cpu:
+        assert torch.allclose(cpu[key], cuda[key].cpu(), rtol=2e-2, atol=2e-3), key
+    model = model.to(memory_format=torch.channels_last)
+    for key in ("view1", "view2", "core"):
+        on_device[key] = on_device[key].contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(on_device, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert losses["loss"].dtype == torch.float32 and math.isfinite(losses["loss"].item())
+    losses["loss"].backward()
+    model.update_target(0.99)

@@ -148,7 +148,7 @@ def test_cache_entries_round_trip_and_temps_are_cleaned(tmp_path):
     assert cache.has("mask", "ab" * 32)
     assert cache.get_meta("mask", "ab" * 32) == {"m": [1, 2]}
     # A temp left behind by a killed writer is removed, final entries are kept.
-    leftover = cache.path("mask", "ab" * 32).parent / "x.bin.tmp-123.part"
+    leftover = Path(cache.path("mask", "ab" * 32)).parent / "x.bin.tmp-123.part"
     leftover.write_bytes(b"partial")
     (tmp_path / ".index.zarr.tmp-1-ab").mkdir()
     (tmp_path / ".index.zarr.tmp-1-ab" / "zarr.json").write_text("{}")
@@ -404,3 +404,25 @@ def test_ddti_label_comes_through_as_a_mask(ddti_dir, tmp_path):
     assert sample.record["masks"][labelled[0]]["area"] == int((label == 1).sum())
     assert sample.mask_pyramid[7].shape == (len(sample.mask_set), 7, 7)
     assert run(config).did_no_work
+
+
+@pytest.mark.slow
+def test_new_sam_checkpoint_reruns_mask_onwards_but_not_ingest(phantom_corpus, tmp_path):
+    from anaus_core.sam import save_random_sam_checkpoint
+
+    images, _ = copy_corpus(phantom_corpus, tmp_path)
+    for path in sorted(images.glob("*.png"))[4:]:
+        path.unlink()
+    first, second = tmp_path / "sam_a.pth", tmp_path / "sam_b.pth"
+    save_random_sam_checkpoint(first, "tiny", seed=0)
+    save_random_sam_checkpoint(second, "tiny", seed=1)
+    out = tmp_path / "out"
+    options = {"image_size": 64, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    sam = dict(masker="sam", labels=None, stored_size=64, masker_options=options)
+    report = run(make_config(images, out, checkpoint=str(first), **sam))
+    assert computed(report) == {"ingest": 4, "mask": 4, "pyramid": 4} and report.masker_seconds > 0
+    assert run(make_config(images, out, checkpoint=str(first), **sam)).did_no_work
+    changed = run(make_config(images, out, checkpoint=str(second), **sam))
+    assert computed(changed) == {"ingest": 0, "mask": 4, "pyramid": 4}
+    assert changed.index_written
+    assert_consistent(out, phantom_keys(images))

@@ -60,10 +60,10 @@ def test_cli_exit_codes_for_skips_strict_and_bad_options(phantom_corpus, tmp_pat
 def test_demo_runs_end_to_end_at_tiny_size(tmp_path):
     from cli import run_demo
 
-    result = run_demo(tmp_path / "demo", count=6, size=64, progress=False)
+    result = run_demo(tmp_path / "demo", count=6, size=64, progress=False, pretrain_steps=0)
     assert result["precompute_report"].samples == 6
     assert result["inspect_summary"]["validation"]["ok"]
     assert result["contact_sheet"].stat().st_size > 0
-    again = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--count", "6", "--size", "64", "--no-progress"])
+    again = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--count", "6", "--size", "64", "--no-progress", "--pretrain-steps", "0"])
     assert again.exit_code == 0, again.output
     assert "nothing to do" in again.output

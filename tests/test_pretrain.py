@@ -96,9 +96,9 @@ def _losses(records):
 
 @pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_resume_continues_with_identical_losses(tiny_shards, tmp_path, num_workers):
-    # 16 samples / batch 4 = 4 steps per epoch: the 6-step run crosses an epoch boundary, and the
+    # 16 samples / batch 4 = 4 steps per epoch: the 5-step run crosses an epoch boundary, and the
     # split at step 3 lands mid-epoch, so the data-stream position is exercised too.
-    config = tiny_config(tiny_shards, **{"run.steps": 6, "data.num_workers": num_workers, "run.checkpoint_every": 2})
+    config = tiny_config(tiny_shards, **{"run.steps": 5, "data.num_workers": num_workers, "run.checkpoint_every": 0})
     whole = pretrain(config, tmp_path / "whole", data=data_source(config))
     first = pretrain(config, tmp_path / "split", data=data_source(config), stop_after_steps=3)
     assert first.steps_done == 3 and first.encoder_path is None
@@ -108,11 +108,12 @@ def test_resume_continues_with_identical_losses(tiny_shards, tmp_path, num_worke
     with pytest.raises(UserInputError, match="already holds a run"):
         pretrain(config, tmp_path / "split", data=data_source(config))
     second = pretrain(config, tmp_path / "split", data=data_source(config), resume=True)
-    assert second.steps_done == 6
+    assert second.steps_done == 5
 
     uninterrupted = _losses(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
     resumed = _losses(read_metrics(tmp_path / "split" / "metrics.jsonl"))
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in resumed] == [0, 0, 0, 0, 1]
     assert resumed == uninterrupted  # exact: same batches, same draws, same optimiser state
     whole_encoder = torch.load(whole.encoder_path, weights_only=True)
     split_encoder = torch.load(second.encoder_path, weights_only=True)

@@ -124,19 +124,25 @@ def test_encode_rejects_inconsistent_samples():
         encode_sample(ShardSample(key="k", image=sample.image, mask_set=sample.mask_set, mask_pyramid=sample.mask_pyramid, record=record))
 
 
-def test_decode_detects_record_array_disagreement():
+def test_decode_and_consistency_detect_record_array_disagreement():
     sample = make_samples(1)[0]
     encoded = encode_sample(sample)
-    record = json.loads(encoded["json"])
-    record["masks"][0]["area"] += 1
-    tampered = dict(encoded, json=json.dumps(record).encode())
-    with pytest.raises(SampleFormatError, match=r"mask 0 .*record area"):
-        decode_sample(tampered)
     tampered = dict(encoded, png=encoded["png"][:-1] + bytes([encoded["png"][-1] ^ 1]))
     with pytest.raises(SampleFormatError, match="png: crc32 mismatch"):
         decode_sample(tampered)
+    record = json.loads(encoded["json"])
+    record["storage"]["mask_count"] += 1
+    with pytest.raises(SampleFormatError, match="record mask_count"):
+        decode_sample(dict(encoded, json=json.dumps(record).encode()))
+    # The json member cannot carry its own crc: an edited area decodes, and the full
+    # consistency check (what validate() runs) names it.
+    record = json.loads(encoded["json"])
+    record["masks"][0]["area"] += 1
+    decoded = decode_sample(dict(encoded, json=json.dumps(record).encode()))
+    assert any("mask 0" in p and "record area" in p for p in consistency_problems(decoded))
     # A pyramid rewritten with a valid crc but wrong values is caught by the consistency check.
     decoded = decode_sample(encoded)
+    assert consistency_problems(decoded) == []
     decoded.mask_pyramid[7] = 255 - decoded.mask_pyramid[7]
     assert any("pyramid level 7" in p for p in consistency_problems(decoded))
 

@@ -7,8 +7,8 @@ Python loops. Exact semantics (the paper gives only the names and alpha, beta, g
    ``patch_size`` x ``patch_size`` patches (default 8; a border narrower than one patch is left
    as is). Each patch is independently selected with probability alpha; the pixels of a
    selected patch are randomly permuted (one permutation per patch, shared by the channels,
-   which are a repeated grayscale image). Permutations are drawn for the whole batch at once as
-   ``argsort`` of uniform keys.
+   which are a repeated grayscale image). Permutations are drawn for all selected patches of
+   the batch at once as ``argsort`` of uniform keys.
 2. **Gaussian noise** (beta = 0.2): ``x + beta * N(0, 1)`` added to every pixel, in
    *normalised* units (the crop is already normalised, so beta = 0.2 is about 0.045 of the
    [0, 1] intensity range with ImageNet statistics); one noise map per image shared by the
@@ -61,11 +61,14 @@ class DamageSettings:
 class DamageDraws:
     """Random draws for one batch. ``None`` = component off.
 
-    ``shuffle_order`` long (B, H//p, W//p, p*p): pixel order inside each patch (identity for
-    unselected patches); ``noise`` float (B, 1, H, W) already scaled by beta; ``occlusion_boxes``
-    long (B, 4) = (top, left, height, width).
+    ``shuffle_patches`` long (N, 3): (image, patch row, patch column) of the N selected patches;
+    ``shuffle_order`` long (N, p*p): the new pixel order inside each of them (row-major);
+    ``noise`` float (B, 1, H, W) already scaled by beta; ``occlusion_boxes`` long (B, 4) =
+    (top, left, height, width).
     """
 
+    patch_size: int
+    shuffle_patches: Tensor | None
     shuffle_order: Tensor | None
     noise: Tensor | None
     occlusion_boxes: Tensor | None
@@ -93,16 +96,17 @@ def sample_damage(
     batch, _, height, width = shape
     patch = settings.patch_size
     rows, cols = height // patch, width // patch
-    shuffle_order = None
+    selected_patches = shuffle_order = None
     if settings.shuffle and settings.shuffle_prob > 0 and rows > 0 and cols > 0:
-        keys = _uniform((batch, rows, cols, patch * patch), generator, device)
-        selected = _uniform((batch, rows, cols, 1), generator, device) < settings.shuffle_prob
-        # unselected patches get strictly increasing keys, so argsort returns the identity
-        identity_keys = torch.arange(patch * patch, device=device, dtype=keys.dtype).expand_as(keys)
-        shuffle_order = torch.where(selected, keys, identity_keys).argsort(dim=-1)
+        selected = _uniform((batch, rows, cols), generator, device) < settings.shuffle_prob
+        # only the selected patches (alpha of them) get keys and a sort: far less work than
+        # permuting every patch with an identity order
+        selected_patches = selected.nonzero()
+        keys = _uniform((selected_patches.shape[0], patch * patch), generator, device)
+        shuffle_order = keys.argsort(dim=-1)
     noise = None
     if settings.noise and settings.noise_std > 0:
-        noise = _normal((batch, 1, height, width), generator, device) * settings.noise_std
+        noise = _normal((batch, 1, height, width), generator, device).mul_(settings.noise_std)
     boxes = None
     if settings.occlusion and settings.occlusion_fraction > 0:
         area = settings.occlusion_fraction * height * width
@@ -113,48 +117,81 @@ def sample_damage(
         top = (_uniform((batch,), generator, device) * (height - box_h + 1)).floor().long()
         left = (_uniform((batch,), generator, device) * (width - box_w + 1)).floor().long()
         boxes = torch.stack([top, left, box_h, box_w], dim=1)
-    return DamageDraws(shuffle_order=shuffle_order, noise=noise, occlusion_boxes=boxes)
+    return DamageDraws(
+        patch_size=patch,
+        shuffle_patches=selected_patches,
+        shuffle_order=shuffle_order,
+        noise=noise,
+        occlusion_boxes=boxes,
+    )
 
 
-def shuffle_patches(images: Tensor, order: Tensor) -> Tensor:
-    """Reorder pixels inside each patch: ``order`` (B, H//p, W//p, p*p) as from ``sample_damage``."""
+def shuffle_patches(images: Tensor, patches: Tensor, order: Tensor, patch_size: int) -> Tensor:
+    """Copy of ``images`` with the pixels of the listed patches reordered (see ``DamageDraws``).
+
+    The patch grid is laid out patch-major (one copy), the selected patches are gathered as whole
+    rows, permuted, written back, and the grid is laid out as an image again (one copy): row
+    operations on the alpha fraction instead of pixel-level advanced indexing.
+    """
     batch, channels, height, width = images.shape
-    _, rows, cols, patch_area = order.shape
-    patch = math.isqrt(patch_area)
-    inner = images[:, :, : rows * patch, : cols * patch]
-    patches = inner.reshape(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 1, 3, 5)
-    patches = patches.reshape(batch, rows, cols, channels, patch_area)
-    index = order[:, :, :, None, :].expand(batch, rows, cols, channels, patch_area)
-    shuffled = patches.gather(-1, index)
-    shuffled = shuffled.reshape(batch, rows, cols, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    out = images.clone()
-    out[:, :, : rows * patch, : cols * patch] = shuffled.reshape(batch, channels, rows * patch, cols * patch)
+    rows, cols = height // patch_size, width // patch_size
+    inner = images[:, :, : rows * patch_size, : cols * patch_size]
+    grid = inner.reshape(batch, channels, rows, patch_size, cols, patch_size).permute(0, 2, 4, 1, 3, 5)
+    grid = grid.reshape(batch * rows * cols, channels, patch_size * patch_size)
+    if grid._is_view():  # reshape may return a view (e.g. one channel, one patch column)
+        grid = grid.clone()
+    if patches.shape[0]:
+        image_index, row_index, col_index = patches.unbind(dim=1)
+        flat_index = (image_index * rows + row_index) * cols + col_index
+        selected = grid.index_select(0, flat_index)
+        selected = selected.gather(2, order[:, None, :].expand(-1, channels, -1))
+        grid.index_copy_(0, flat_index, selected)
+    back = grid.reshape(batch, rows, cols, channels, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5)
+    back = back.reshape(batch, channels, rows * patch_size, cols * patch_size)
+    if rows * patch_size == height and cols * patch_size == width:
+        return back.contiguous()
+    out = images.clone(memory_format=torch.contiguous_format)
+    out[:, :, : rows * patch_size, : cols * patch_size] = back
     return out
 
 
-def occlude(images: Tensor, boxes: Tensor) -> Tensor:
-    """Set each image's box (top, left, height, width) to that image's per-channel minimum."""
-    _, _, height, width = images.shape
+def occlude_(images: Tensor, boxes: Tensor) -> Tensor:
+    """In place: set each image's box (top, left, height, width) to that image's per-channel
+    minimum; returns ``images`` (contiguous). Writes only the box pixels (boxes padded to the
+    largest one by repeating their last row/column, which rewrites the same value)."""
+    if not images.is_contiguous():
+        raise ValueError("occlude_: images must be contiguous")
+    batch, channels, height, width = images.shape
+    fill = images.amin(dim=(2, 3))  # (B, C)
     top, left, box_h, box_w = boxes.unbind(dim=1)
-    row = torch.arange(height, device=images.device)
-    col = torch.arange(width, device=images.device)
-    in_rows = (row[None, :] >= top[:, None]) & (row[None, :] < (top + box_h)[:, None])
-    in_cols = (col[None, :] >= left[:, None]) & (col[None, :] < (left + box_w)[:, None])
-    inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B, 1, H, W)
-    fill = images.amin(dim=(2, 3), keepdim=True)
-    return torch.where(inside, fill, images)
+    max_h, max_w = int(box_h.max()), int(box_w.max())
+    steps_h = torch.arange(max_h, device=images.device)
+    steps_w = torch.arange(max_w, device=images.device)
+    row = top[:, None] + torch.minimum(steps_h[None, :], box_h[:, None] - 1)  # (B, max_h)
+    col = left[:, None] + torch.minimum(steps_w[None, :], box_w[:, None] - 1)  # (B, max_w)
+    pixel = row[:, :, None] * width + col[:, None, :]  # (B, max_h, max_w)
+    base = (torch.arange(batch, device=images.device)[:, None] * channels
+            + torch.arange(channels, device=images.device)[None, :]) * (height * width)  # (B, C)
+    index = base[:, :, None, None] + pixel[:, None]  # (B, C, max_h, max_w)
+    images.view(-1)[index.reshape(-1)] = fill[:, :, None, None].expand_as(index).reshape(-1).to(images.dtype)
+    return images
+
+
+def _is_channels_last(images: Tensor) -> bool:
+    return images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def apply_damage(images: Tensor, draws: DamageDraws) -> Tensor:
     """D(x) for the given draws: shuffle, then noise, then occlusion. Never modifies ``images``."""
-    out = images
-    if draws.shuffle_order is not None:
-        out = shuffle_patches(out, draws.shuffle_order)
+    if draws.shuffle_patches is not None and draws.shuffle_order is not None:
+        out = shuffle_patches(images, draws.shuffle_patches, draws.shuffle_order, draws.patch_size)
+    else:
+        out = images.clone(memory_format=torch.contiguous_format)
     if draws.noise is not None:
-        out = out + draws.noise.to(out.dtype)
+        out.add_(draws.noise.to(out.dtype))
     if draws.occlusion_boxes is not None:
-        out = occlude(out, draws.occlusion_boxes)
-    return out if out is not images else images.clone()
+        occlude_(out, draws.occlusion_boxes)
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(images) else out
 
 
 @torch.no_grad()

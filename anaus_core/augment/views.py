@@ -135,8 +135,10 @@ class PairedViews:
                 unique, slot_to_unique = np.unique(chosen, return_inverse=True)
                 selected = masks[unique]
                 for box, flip, packed_out, valid_out in ((box1, flip1, masks1, valid1), (box2, flip2, masks2, valid2)):
-                    warped = warp_masks(selected, box, flip, size)
-                    packed = np.packbits(warped, axis=-1, bitorder="big")
+                    warped = np.ascontiguousarray(warp_masks(selected, box, flip, size))
+                    # size % 8 == 0, so packing the flat array is packing each row (and ~20x faster
+                    # than packbits(axis=-1) on numpy's strided fancy-index output)
+                    packed = np.packbits(warped.reshape(-1), bitorder="big").reshape(len(unique), size, packed_width)
                     packed_out[:] = packed[slot_to_unique]
                     valid_out[:] = packed.reshape(len(unique), -1).any(axis=1)[slot_to_unique]
                 mask_ids[:] = ids[chosen]

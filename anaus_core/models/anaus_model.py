@@ -102,16 +102,16 @@ class AnaUSConfig:
             raise ConfigError(f"model: {exc}") from None
 
 
-def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor) -> Tensor:
-    """Apply ``head`` to the valid rows of (N, K, C) -> (N, K, D); invalid rows are zero.
+def _project_rows(head: MLPHead, vectors: Tensor, index: Tensor) -> Tensor:
+    """Apply ``head`` to the rows ``index`` of (N, K, C) flattened -> (N, K, D); other rows are zero.
 
-    Only real mask-pooled vectors enter the head, so empty masks do not bias BatchNorm
-    statistics. With fewer than two valid rows (BatchNorm needs two) all rows go through; they
-    carry zero loss weight anyway, and every head parameter stays in the graph (DDP).
+    ``index`` lists the valid (non-empty mask) rows: only real mask-pooled vectors enter the
+    head, so empty masks do not bias BatchNorm statistics. With fewer than two valid rows
+    (BatchNorm needs two) all rows go through; they carry zero loss weight anyway, and every
+    head parameter stays in the graph (DDP).
     """
     batch, num_masks, channels = vectors.shape
     rows = vectors.reshape(batch * num_masks, channels)
-    index = valid.reshape(-1).nonzero().squeeze(1)
     if index.numel() < 2:
         return head(rows).reshape(batch, num_masks, -1)
     projected = head(rows.index_select(0, index))
@@ -238,11 +238,12 @@ class AnaUSModel(nn.Module):
                 online_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area
             )
             valid = area_valid & present
-            projection = _project_rows(self.projectors[key], online_pooled, valid)
-            prediction = _project_rows(self.predictors[key], projection, valid)
+            rows = valid.reshape(-1).nonzero().squeeze(1)
+            projection = _project_rows(self.projectors[key], online_pooled, rows)
+            prediction = _project_rows(self.predictors[key], projection, rows)
             with torch.no_grad():
                 target_pooled, _ = mask_pool(target_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area)
-                target_projection = _project_rows(self.target_projectors[key], target_pooled, valid)
+                target_projection = _project_rows(self.target_projectors[key], target_pooled, rows)
             terms[scale] = anatomy_contrastive_loss(
                 prediction[:batch_size],
                 prediction[batch_size:],

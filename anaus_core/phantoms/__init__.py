@@ -8,6 +8,7 @@ See ``docs/phantoms.md``.
 """
 
 from anaus_core.phantoms.corpus import make_phantom_corpus, phantom_id, read_sidecar, write_phantom
+from anaus_core.phantoms.figure import contact_sheet, save_contact_sheet
 from anaus_core.phantoms.geometry import (
     DEPTH_STEP_REF,
     REFERENCE_SIZE,
@@ -59,6 +60,7 @@ __all__ = [
     "Structure",
     "beamform",
     "build_beam_grid",
+    "contact_sheet",
     "fan_mask",
     "generate_phantom",
     "grid_unit_px",
@@ -72,6 +74,7 @@ __all__ = [
     "sample_acoustics",
     "sample_geometry",
     "sample_structures",
+    "save_contact_sheet",
     "scan_convert",
     "scatterer_field",
     "simulate_envelope",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+import scipy.fft
 
 #: Image side at which the acoustic model's lengths are given ("reference pixels").
 REFERENCE_SIZE = 256
@@ -145,6 +146,8 @@ class BeamGrid:
     lateral: np.ndarray
     depth_margin: int
     lateral_margin: int
+    fov_depth: int
+    fov_lines: int
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -159,11 +162,16 @@ class BeamGrid:
         return float(self.lateral[1] - self.lateral[0])
 
     @property
+    def narrowest_lateral_margin(self) -> int:
+        """Lines of margin on the narrower side (the wider beam must stay well inside it)."""
+        return min(self.lateral_margin, self.lateral.size - self.lateral_margin - self.fov_lines)
+
+    @property
     def field_of_view(self) -> tuple[slice, slice]:
         """Index of the grid without its margins."""
         return (
-            slice(self.depth_margin, self.depth.size - self.depth_margin),
-            slice(self.lateral_margin, self.lateral.size - self.lateral_margin),
+            slice(self.depth_margin, self.depth_margin + self.fov_depth),
+            slice(self.lateral_margin, self.lateral_margin + self.fov_lines),
         )
 
     def cartesian(self) -> tuple[np.ndarray, np.ndarray]:
@@ -183,25 +191,36 @@ class BeamGrid:
         return np.abs(self.depth) * abs(self.lateral_step)
 
 
-def build_beam_grid(geometry: ScanGeometry, *, depth_margin: int = 16, lateral_margin: int = 24) -> BeamGrid:
-    """The beam grid covering ``geometry``'s field of view plus margins: depth samples
-    ``DEPTH_STEP_REF`` reference pixels apart, lines one reference pixel apart (for a sector, at
-    its deepest point). The grid has about the same number of samples for every image size."""
+def build_beam_grid(geometry: ScanGeometry, *, depth_margin: int = 14, lateral_margin: int = 18) -> BeamGrid:
+    """The beam grid covering ``geometry``'s field of view plus at least the given margins:
+    depth samples ``DEPTH_STEP_REF`` reference pixels apart, lines one reference pixel apart
+    (for a sector, at its deepest point). The grid has about the same number of samples for
+    every image size; margins are widened so both axes have FFT-friendly (5-smooth) lengths."""
     unit = grid_unit_px(geometry.size)
     depth_step = DEPTH_STEP_REF * unit
     start, stop = geometry.depth_range
-    n_depth = int(math.ceil((stop - start) / depth_step)) + 1
-    depth = start + depth_step * np.arange(-depth_margin, n_depth + depth_margin)
+    fov_depth = int(math.ceil((stop - start) / depth_step)) + 1
+    before, after = _margins(fov_depth, depth_margin)
+    depth = start + depth_step * np.arange(-before, fov_depth + after)
     if geometry.fan is None:
-        n_lines = max(16, int(math.ceil((geometry.size - 1) / unit))) + 1
-        step = (geometry.size - 1) / (n_lines - 1)
-        lateral = step * np.arange(-lateral_margin, n_lines + lateral_margin)
+        fov_lines = max(16, int(math.ceil((geometry.size - 1) / unit))) + 1
+        step = (geometry.size - 1) / (fov_lines - 1)
+        first = 0.0
     else:
         half = math.radians(geometry.fan.half_angle_deg)
-        n_lines = max(16, int(math.ceil(2.0 * half * geometry.fan.r_max / unit))) + 1
-        step = 2.0 * half / (n_lines - 1)
-        lateral = -half + step * np.arange(-lateral_margin, n_lines + lateral_margin)
-    return BeamGrid(geometry, depth, lateral, depth_margin, lateral_margin)
+        fov_lines = max(16, int(math.ceil(2.0 * half * geometry.fan.r_max / unit))) + 1
+        step = 2.0 * half / (fov_lines - 1)
+        first = -half
+    left, right = _margins(fov_lines, lateral_margin)
+    lateral = first + step * np.arange(-left, fov_lines + right)
+    return BeamGrid(geometry, depth, lateral, before, left, fov_depth, fov_lines)
+
+
+def _margins(n_fov: int, margin: int) -> tuple[int, int]:
+    """(before, after) margins of at least ``margin`` making ``n_fov`` + margins 5-smooth."""
+    total = scipy.fft.next_fast_len(n_fov + 2 * margin, real=True)
+    before = (total - n_fov) // 2
+    return before, total - n_fov - before
 
 
 def scan_convert(values: np.ndarray, grid: BeamGrid) -> np.ndarray:

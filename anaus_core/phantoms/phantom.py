@@ -182,7 +182,9 @@ def render_phantom(
     )
     # The beam width in lines; capped so the circular lateral convolution wraps only into the
     # margins (near a sector's apex the lines crowd together and the cap is reached).
-    lateral_sigma_lines = np.minimum(beam.sigma_px(grid.depth) / grid.line_spacing_px().clip(1e-6), grid.lateral_margin / 3.0)
+    lateral_sigma_lines = np.minimum(
+        beam.sigma_px(grid.depth) / grid.line_spacing_px().clip(1e-6), grid.narrowest_lateral_margin / 3.0
+    )
     depth_from_start = np.clip(grid.depth - start, 0.0, None) / extent
     gain = np.exp((acoustics.attenuation_db - acoustics.falloff_db) / DB_PER_NEPER * depth_from_start)
     noise_rms = 10.0 ** ((acoustics.noise_db - acoustics.attenuation_db) / 20.0)
@@ -201,10 +203,11 @@ def render_phantom(
     gray = log_compress(envelope, dynamic_range_db=acoustics.dynamic_range_db, white_db=acoustics.white_db)
     image = np.rint(scan_convert(gray, grid)).astype(np.uint8)
 
+    areas = np.bincount(labels.ravel(), minlength=256)
     records = []
     for structure in structures:
         record = structure.to_dict()
-        record["area_px"] = int(np.count_nonzero(labels == structure.label))
+        record["area_px"] = int(areas[structure.label])
         records.append(record)
     acoustics_record = acoustics.to_dict()
     acoustics_record["scatterers_per_cell"] = round(scatterers_per_resolution_cell(acoustics), 2)
@@ -230,14 +233,16 @@ def scatterers_per_resolution_cell(acoustics: Acoustics) -> float:
 
 def _tissue_texture(grid, texture_db: float, rng: np.random.Generator) -> np.ndarray:
     """Slow multiplicative echogenicity variation of the tissue: a smooth random field on the
-    beam grid (a few blobs across the image, ``texture_db`` rms in dB), built separably as
+    beam grid (a few blobs across the image, about ``texture_db`` rms in dB), built separably as
     ``depth_basis @ coefficients @ lateral_basis.T`` from Gaussian bumps on a 6 x 6 lattice."""
     coefficients = rng.standard_normal((6, 6))
     depth_basis = _bump_basis(grid.depth.size, 6)
     lateral_basis = _bump_basis(grid.lateral.size, 6)
-    field_db = depth_basis @ coefficients @ lateral_basis.T
-    field_db *= texture_db / max(float(field_db.std()), 1e-6)
-    return np.power(np.float32(10.0), (field_db / 10.0).astype(np.float32))
+    # Unit coefficients give a field of about 1.34 dB rms on this basis (measured over many
+    # draws); scaling the coefficients avoids computing the std of every field.
+    field_db = (depth_basis @ (coefficients * (texture_db / 1.34)) @ lateral_basis.T).astype(np.float32)
+    field_db *= np.float32(math.log(10.0) / 10.0)
+    return np.exp(field_db, out=field_db)
 
 
 def _bump_basis(n: int, count: int) -> np.ndarray:

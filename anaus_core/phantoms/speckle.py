@@ -88,15 +88,16 @@ def analytic_pulse_transfer(pulse: Pulse, n_depth: int, *, step_px: float = DEPT
 def lateral_transfer(sigma_lines: np.ndarray, n_lines: int) -> np.ndarray:
     """float32 ``(n_depth, n_lines // 2 + 1)``: per depth row, the rfft-domain transfer of a
     Gaussian beam of standard deviation ``sigma_lines[row]`` (in lines), unit energy."""
-    sigma = np.maximum(np.asarray(sigma_lines, dtype=np.float64), MIN_LATERAL_SIGMA_LINES)
-    freq = np.fft.rfftfreq(n_lines)
-    transfer = np.exp(-2.0 * math.pi**2 * (sigma[:, None] * freq[None, :]) ** 2)
-    weight = np.full(freq.size, 2.0)
+    sigma = np.maximum(np.asarray(sigma_lines, dtype=np.float32), np.float32(MIN_LATERAL_SIGMA_LINES))
+    freq = np.fft.rfftfreq(n_lines).astype(np.float32)
+    transfer = np.exp(np.float32(-2.0 * math.pi**2) * np.square(sigma[:, None] * freq[None, :]))
+    weight = np.full(freq.size, 2.0, dtype=np.float32)
     weight[0] = 1.0
     if n_lines % 2 == 0:
         weight[-1] = 1.0
     energy = (transfer**2 @ weight) / n_lines
-    return (transfer / np.sqrt(energy)[:, None]).astype(np.float32)
+    transfer /= np.sqrt(energy)[:, None]
+    return transfer
 
 
 def beamform(scatterers: np.ndarray, *, lateral_sigma_lines: np.ndarray, pulse: Pulse, step_px: float = DEPTH_STEP_REF) -> np.ndarray:

@@ -11,15 +11,16 @@ tensor), so resuming never unpickles arbitrary objects::
      "optimizer": LARS state dict, "scheduler": {"total_steps", "warmup_steps", ...},
      "rng": {"python", "numpy", "torch", "cuda"}, "config": PretrainConfig as a dict}
 
-Files: ``RUN/checkpoints/step-000123.pt`` and ``RUN/checkpoints/last.pt`` (a copy, written the
-same atomic way: temporary name in the same folder, fsync, rename).
+Files: ``RUN/checkpoints/step-000123.pt`` and ``RUN/checkpoints/last.pt`` (a hard link to the
+newest step file, or a copy where links are unsupported). Every file appears atomically:
+written under a temporary name in the same folder, fsynced, renamed, folder fsynced.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,16 +73,9 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _fsync_directory(directory: Path) -> None:
     try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -90,18 +84,49 @@ def _atomic_write_bytes(data: bytes, path: Path) -> None:
         pass
 
 
+def _atomic_torch_save(payload: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(dict(payload), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _atomic_alias(source: Path, path: Path) -> None:
+    """``path`` becomes a hard link to ``source`` (a copy where links are unsupported), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
 def save_checkpoint(payload: Mapping[str, Any], checkpoint_dir: str | Path, *, step: int,
                     keep_step_file: bool = True) -> Path:
-    """Write ``step-XXXXXX.pt`` (unless ``keep_step_file`` is False) and ``last.pt`` atomically.
-    Returns the path of ``last.pt``."""
+    """Write ``step-XXXXXX.pt`` and make ``last.pt`` the same file (hard link, else a copy), each
+    atomically; with ``keep_step_file=False`` only ``last.pt`` is written. Returns ``last.pt``."""
     checkpoint_dir = Path(checkpoint_dir)
-    buffer = io.BytesIO()
-    torch.save(dict(payload), buffer)
-    data = buffer.getvalue()
-    if keep_step_file:
-        _atomic_write_bytes(data, checkpoint_dir / step_checkpoint_name(step))
     last = checkpoint_dir / LAST_NAME
-    _atomic_write_bytes(data, last)
+    if keep_step_file:
+        step_path = checkpoint_dir / step_checkpoint_name(step)
+        _atomic_torch_save(payload, step_path)
+        _atomic_alias(step_path, last)
+    else:
+        _atomic_torch_save(payload, last)
     return last
 
 

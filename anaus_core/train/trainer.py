@@ -93,6 +93,7 @@ class PretrainResult:
     loss_curve: Path | None = None
     batches_seen: int = 0                                           # micro-batches this rank consumed
     images_per_s: float = float("nan")                              # over the whole run, all ranks
+    model: Any = field(default=None, repr=False)                    # the trained AnaUSModel (unwrapped)
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
 
     result.steps_done = step
     result.last_checkpoint = last_checkpoint
+    result.model = model
     elapsed = time.perf_counter() - run_start
     if step > run_start_step and elapsed > 0:
         result.images_per_s = (step - run_start_step) * global_images_per_step / elapsed
