@@ -433,14 +433,19 @@ def pretrain_command(
     overrides.update(_parse_set_options(set_values))
     resume_arg = resume_from if resume_from is not None else (True if resume else None)
     resume_path = resolve_resume_path(resume_arg, out)
-    if resume_path is not None and config_file is None:
-        # a resumed run keeps its own settings; options given now apply on top (e.g. more --steps)
-        from anaus_core.config import apply_overrides, _from_mapping
+    try:
+        if resume_path is not None and config_file is None:
+            # a resumed run keeps its own settings; options given now apply on top (e.g. more --steps)
+            from anaus_core.config import _from_mapping, apply_overrides
 
-        base = _from_mapping(PretrainConfig, load_checkpoint(resume_path)["config"], "")
-        config = apply_overrides(base, overrides)
-    else:
-        config = load_config(PretrainConfig, config_file, overrides)
+            base = _from_mapping(PretrainConfig, load_checkpoint(resume_path)["config"], "")
+            config = apply_overrides(base, overrides)
+        else:
+            config = load_config(PretrainConfig, config_file, overrides)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # dataclass __post_init__ checks (e.g. views.size) raise ValueError
+        raise ConfigError(f"{config_file or 'options'}: {exc}") from None
     if not config.data.shards:
         raise UserInputError("--shards: no shard folder given (option or data.shards in --config)")
     result = pretrain(config, out, data=shard_data_source(config), resume=resume_path)

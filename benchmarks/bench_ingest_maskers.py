@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-DDTI = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ddti"
+DDTI = Path(os.environ.get("ANAUS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "fixtures" / "ddti"
 
 
 def median_time(fn, repeats: int) -> float:

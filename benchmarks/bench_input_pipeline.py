@@ -87,11 +87,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=240)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="device for (d) prepare_batch, e.g. cuda")
     args = parser.parse_args()
     samples, repeats = (60, 2) if args.quick else (args.samples, args.repeats)
     torch.set_num_threads(1)
 
     from shards.stream import resolve_shards
+    # Import everything the variants use before timing (torchvision.transforms.v2 alone takes
+    # seconds to import on a loaded machine and would land in the first timed repeat).
+    import anaus_core.augment.device  # noqa: F401
+    import anaus_core.augment.views  # noqa: F401
+    import shards.sample  # noqa: F401
+    import webdataset  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
         store = make_store(Path(tmp) / "shards", count=samples, height=256, width=320, per_shard=max(8, samples // 4))
@@ -99,14 +106,26 @@ def main() -> None:
         used = (samples // args.batch) * args.batch
         rows = []
 
-        raw_time, _ = timed(lambda: raw_decode(urls), repeats)
-        raw_rate = samples / raw_time
-        rows.append(("(a) raw decode limit (wds + decode_sample)", raw_rate, 1.0))
-        for label, workers, buffer in (("(b) full pipeline, stream mode, 0 workers", 0, 256),
-                                       ("(b) full pipeline, indexed mode, 0 workers", 0, 0),
-                                       ("(c) full pipeline, indexed mode, 1 worker", 1, 0)):
-            elapsed, _ = timed(lambda: full_pipeline(store, batch=args.batch, workers=workers, shuffle_buffer=buffer), repeats)
-            rate = used / elapsed
+        variants = [
+            ("(a) raw decode limit (wds + decode_sample)", samples, lambda: raw_decode(urls)),
+            ("(b) full pipeline, stream mode, 0 workers", used,
+             lambda: full_pipeline(store, batch=args.batch, workers=0, shuffle_buffer=256)),
+            ("(b) full pipeline, indexed mode, 0 workers", used,
+             lambda: full_pipeline(store, batch=args.batch, workers=0, shuffle_buffer=0)),
+            ("(c) full pipeline, indexed mode, 1 worker", used,
+             lambda: full_pipeline(store, batch=args.batch, workers=1, shuffle_buffer=0)),
+        ]
+        # Repeats are interleaved (a, b, b, c, a, b, ...) so that load drift on a shared machine
+        # hits every variant alike; the ratio is taken between medians.
+        times: dict[str, list[float]] = {label: [] for label, _, _ in variants}
+        for _ in range(repeats):
+            for label, _, run in variants:
+                start = time.perf_counter()
+                run()
+                times[label].append(time.perf_counter() - start)
+        raw_rate = samples / statistics.median(times[variants[0][0]])
+        for label, count, _ in variants:
+            rate = count / statistics.median(times[label])
             rows.append((label, rate, rate / raw_rate))
 
         print(f"input pipeline: {samples} samples 256×320, 16 masks, S=224, K=16, batch {args.batch}, "
@@ -115,20 +134,26 @@ def main() -> None:
             print(f"  {label:<48s} {rate:8.1f} samples/s   ratio to (a) {ratio:5.2f}")
 
         # (d) device side on the CPU
-        from anaus_core.augment.collate import collate_views
         from anaus_core.augment.device import prepare_batch
         from shards.stream import build_pretrain_loader
 
         batch = next(iter(build_pretrain_loader(store, batch_size=32 if samples >= 32 else samples // 2, num_workers=0, seed=0)))
-        generator = torch.Generator().manual_seed(0)
+        device = torch.device(args.device)
+        generator = torch.Generator(device=device).manual_seed(0)
         size = batch["view1"].shape[0]
-        device_time, _ = timed(lambda: prepare_batch(batch, device="cpu", generator=generator, config=None), repeats)
+
+        def device_step():
+            prepare_batch(batch, device=device, generator=generator, config=None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        device_step()  # warm-up (CUDA context, kernels)
+        device_time, _ = timed(device_step, repeats)
         images = batch["view1"].float() / 255
         cpu_time, _ = timed(lambda: per_image_photometric(images), repeats)
-        print(f"  (d) prepare_batch on CPU (both views, B={size})      {2 * size / device_time:8.1f} views/s")
+        print(f"  (d) prepare_batch on {device.type} (both views, B={size})      {2 * size / device_time:8.1f} views/s")
         print(f"      torchvision v2 per image (view-1 chain)           {size / cpu_time:8.1f} views/s   "
               f"ratio batched/per-image {(2 * size / device_time) / (size / cpu_time):5.2f}")
-        del collate_views
 
 
 if __name__ == "__main__":

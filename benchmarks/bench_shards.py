@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from shards.synthetic import synthetic_sample  # noqa: E402
 from shards.writer import ShardWriter  # noqa: E402
 
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ddti" / "20436_img.png"
+FIXTURE = Path(os.environ.get("ANAUS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "fixtures" / "ddti" / "20436_img.png"
 
 
 def real_image_crop(generator: np.random.Generator, size: int) -> np.ndarray | None:

@@ -108,7 +108,7 @@ def pretrain_encoder(name: str, shards: Path, out: Path, *, steps: int, args) ->
         "optim.base_lr": args.base_lr, "optim.warmup_steps": max(1, steps // 20),
         "run.steps": steps, "run.device": "cpu", "run.seed": args.seed, "run.log_every": 10,
         "run.checkpoint_every": 0, "run.progress": False, "run.tensorboard": False,
-        "model.projector_hidden_dim": args.projector_hidden, "model.predictor_hidden_dim": args.predictor_hidden,
+        "model.fpn_channels": args.fpn_channels, "model.projector_hidden_dim": args.projector_hidden, "model.predictor_hidden_dim": args.predictor_hidden,
     }
     if name == "byol":
         overrides.update({"model.objective": "byol", "model.context": False, "model.multi_scale": False})
@@ -195,6 +195,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--base-lr", type=float, default=16.0,
                         help="base lr; x batch/256 = peak lr (1.0 at batch 16: short-schedule setting)")
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--fpn-channels", type=int, default=64,
+                        help="FPN width (paper 256; at 256 the P2 smoothing convs dominate a CPU step)")
     parser.add_argument("--projector-hidden", type=int, default=512, help="projector MLP hidden width (paper 1024)")
     parser.add_argument("--predictor-hidden", type=int, default=1024, help="predictor MLP hidden width (paper 4096)")
     parser.add_argument("--seed", type=int, default=0)

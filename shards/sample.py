@@ -305,18 +305,6 @@ def decode_masks(data: bytes) -> np.ndarray:
     return unpack_mask_layers(layers, layer_of_mask)
 
 
-def layer_areas(layers: np.ndarray, layer_of_mask: np.ndarray) -> np.ndarray:
-    """int64 (M,) mask areas counted on the label layers (one bincount per layer: much cheaper
-    than summing M full-size boolean planes)."""
-    count = len(layer_of_mask)
-    areas = np.zeros(count, np.int64)
-    for index in range(len(layers)):
-        counts = np.bincount(layers[index].ravel(), minlength=count + 1)
-        members = np.flatnonzero(layer_of_mask == index)
-        areas[members] = counts[members + 1]
-    return areas
-
-
 # ---------------------------------------------------------------------------------------------
 # Pyramid bytes
 # ---------------------------------------------------------------------------------------------

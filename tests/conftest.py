@@ -12,7 +12,9 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DDTI_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "ddti"
+# ../shared sits beside the checkout (CI, developers); ANAUS_SHARED_DIR points elsewhere (GPU box).
+SHARED_DIR = Path(os.environ.get("ANAUS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+DDTI_DIR = SHARED_DIR / "fixtures" / "ddti"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -115,6 +115,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_single_process_and_stay_in_sync(tiny_shards, tmp_path):
     mp.spawn(_rank_main, args=(WORLD, _free_port(), str(tiny_shards), str(tmp_path)), nprocs=WORLD, join=True)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]

@@ -195,7 +195,9 @@ def apply_damage(images: Tensor, draws: DamageDraws) -> Tensor:
 
 
 @torch.no_grad()
-def damage(images: Tensor, *, settings: DamageSettings | None = None, generator: torch.Generator | None = None) -> Tensor:
+def damage(
+    images: Tensor, *, settings: DamageSettings | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """Damaged copy of ``images`` (B, C, H, W): ``apply_damage(images, sample_damage(...))``."""
     settings = settings or DamageSettings()
     draws = sample_damage(tuple(images.shape), settings=settings, generator=generator, device=images.device)

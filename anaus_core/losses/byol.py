@@ -19,7 +19,9 @@ def byol_regression_loss(prediction: Tensor, target: Tensor) -> Tensor:
         return (2.0 - 2.0 * cosine).mean()
 
 
-def symmetric_byol_loss(pred1: Tensor, pred2: Tensor, target1: Tensor, target2: Tensor, *, symmetric: bool = True) -> Tensor:
+def symmetric_byol_loss(
+    pred1: Tensor, pred2: Tensor, target1: Tensor, target2: Tensor, *, symmetric: bool = True
+) -> Tensor:
     """``L(q1, z2') + L(q2, z1')``; ``symmetric=False`` keeps only the first term."""
     loss = byol_regression_loss(pred1, target2)
     if symmetric:

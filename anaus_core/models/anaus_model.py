@@ -218,7 +218,11 @@ class AnaUSModel(nn.Module):
         return {"loss": losses.pop("loss"), **losses}
 
     def _anatomy_terms(
-        self, batch: Mapping[str, Tensor], online_maps: dict[int, Tensor], target_maps: dict[int, Tensor], batch_size: int
+        self,
+        batch: Mapping[str, Tensor],
+        online_maps: dict[int, Tensor],
+        target_maps: dict[int, Tensor],
+        batch_size: int,
     ) -> dict[int, Tensor]:
         masks = torch.cat([batch["masks1"], batch["masks2"]], dim=0)
         ids = batch["mask_ids"]

@@ -40,6 +40,8 @@ def export_fpn_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {key: value.detach().cpu().clone() for key, value in encoder.fpn.state_dict().items()}
 
 
-def build_export_encoder(arch: str = "resnet18", *, scales: tuple[int, ...] = (7, 14, 28, 56), fpn_channels: int = 256) -> ResNetFPN:
+def build_export_encoder(
+    arch: str = "resnet18", *, scales: tuple[int, ...] = (7, 14, 28, 56), fpn_channels: int = 256
+) -> ResNetFPN:
     """An empty ResNetFPN with the layout ``export_*_state_dict`` wrote (load both dicts into it)."""
     return ResNetFPN(backbone=build_torchvision_resnet(arch), arch=arch, scales=scales, fpn_channels=fpn_channels)
