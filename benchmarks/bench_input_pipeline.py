@@ -5,13 +5,19 @@
 
 Measured side by side in one run, one process, torch at one thread (medians of repeats):
 
-(a) raw decode limit: plain ``wds.WebDataset`` over the shards + ``shards.sample.decode_sample``
-    (PNG image + all masks + pyramid, crc checks) — what any consumer of the shards must pay;
-(b) the full worker pipeline, ``build_pretrain_loader`` with ``num_workers=0`` (decode + two views
-    + mask sampling + mask warping/packing + core crop + collate), stream and indexed modes;
-(c) the same with ``num_workers=1`` (adds worker start-up and batch IPC);
+(a) raw decode limit: plain ``wds.WebDataset`` over the shards + the decode the pipeline uses,
+    ``shards.stream.decode_training_sample`` (PNG image + label layers + pyramid + ids, crc
+    checks) — the denominator of every ratio; (a2) the same with the store's general decode,
+    ``shards.sample.decode_sample`` (also expands every mask into a boolean plane), for reference;
+(b) the full pipeline, ``build_pretrain_loader`` with ``num_workers=0`` (read + decode + views +
+    mask sampling + collate), stream and indexed modes, with the view geometry in the worker
+    (``ViewConfig(geometry="worker")``: resized crops, mask warping/packing, core crop) and on
+    the device (``geometry="device"``: the worker only draws boxes/ids and ships the image and
+    label layers);
+(c) the same, indexed mode, with ``num_workers=1`` (adds worker start-up and batch IPC);
 (d) device side on the CPU: ``prepare_batch`` (batched BYOL photometrics, unpack, normalise) vs
-    torchvision v2 per-image photometric transforms on the same images.
+    torchvision v2 per-image photometric transforms on the same images; and ``prepare_batch``
+    on a device-geometry batch (adds the batched crops/resizes there).
 """
 
 from __future__ import annotations
@@ -50,22 +56,22 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def raw_decode(urls: list[str]) -> int:
+def raw_decode(urls: list[str], decode) -> int:
     import webdataset as wds
-
-    from shards.sample import decode_sample
 
     count = 0
     for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        decode_sample(raw)
+        decode(raw)
         count += 1
     return count
 
 
-def full_pipeline(store: Path, *, batch: int, workers: int, shuffle_buffer: int) -> int:
+def full_pipeline(store, *, batch: int, workers: int, shuffle_buffer: int, geometry: str = "worker") -> int:
+    from anaus_core.augment.views import ViewConfig
     from shards.stream import build_pretrain_loader
 
-    loader = build_pretrain_loader(store, batch_size=batch, num_workers=workers, seed=0, shuffle_buffer=shuffle_buffer)
+    loader = build_pretrain_loader(store, batch_size=batch, num_workers=workers, seed=0, shuffle_buffer=shuffle_buffer,
+                                   view_config=ViewConfig(geometry=geometry))
     return sum(int(b["index"].shape[0]) for b in loader)
 
 
@@ -88,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="device for (d) prepare_batch, e.g. cuda")
+    parser.add_argument("--no-workers", action="store_true", help="skip the 1-worker variants (c)")
     args = parser.parse_args()
     samples, repeats = (60, 2) if args.quick else (args.samples, args.repeats)
     torch.set_num_threads(1)
@@ -102,19 +109,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
         store = make_store(Path(tmp) / "shards", count=samples, height=256, width=320, per_shard=max(8, samples // 4))
-        urls = list(resolve_shards(store).urls)
+        # resolved once, as the trainer's ShardDataSource does (reading index.zarr per epoch
+        # would otherwise be charged to every timed pass of these small stores)
+        source = resolve_shards(store)
+        urls = list(source.urls)
         used = (samples // args.batch) * args.batch
         rows = []
 
+        from shards.sample import decode_sample
+        from shards.stream import decode_training_sample
+
         variants = [
-            ("(a) raw decode limit (wds + decode_sample)", samples, lambda: raw_decode(urls)),
-            ("(b) full pipeline, stream mode, 0 workers", used,
-             lambda: full_pipeline(store, batch=args.batch, workers=0, shuffle_buffer=256)),
-            ("(b) full pipeline, indexed mode, 0 workers", used,
-             lambda: full_pipeline(store, batch=args.batch, workers=0, shuffle_buffer=0)),
-            ("(c) full pipeline, indexed mode, 1 worker", used,
-             lambda: full_pipeline(store, batch=args.batch, workers=1, shuffle_buffer=0)),
+            ("(a) raw decode limit (wds + decode_training_sample)", samples, lambda: raw_decode(urls, decode_training_sample)),
+            ("(a2) raw decode, store's decode_sample", samples, lambda: raw_decode(urls, decode_sample)),
         ]
+        for geometry in ("worker", "device"):
+            variants += [
+                (f"(b) {geometry} geometry, stream, 0 workers", used,
+                 lambda g=geometry: full_pipeline(source, batch=args.batch, workers=0, shuffle_buffer=256, geometry=g)),
+                (f"(b) {geometry} geometry, indexed, 0 workers", used,
+                 lambda g=geometry: full_pipeline(source, batch=args.batch, workers=0, shuffle_buffer=0, geometry=g)),
+            ]
+            if not args.no_workers:
+                variants.append((f"(c) {geometry} geometry, indexed, 1 worker", used,
+                                 lambda g=geometry: full_pipeline(source, batch=args.batch, workers=1, shuffle_buffer=0, geometry=g)))
         # Repeats are interleaved (a, b, b, c, a, b, ...) so that load drift on a shared machine
         # hits every variant alike; the ratio is taken between medians.
         times: dict[str, list[float]] = {label: [] for label, _, _ in variants}
@@ -131,7 +149,7 @@ def main() -> None:
         print(f"input pipeline: {samples} samples 256×320, 16 masks, S=224, K=16, batch {args.batch}, "
               f"median of {repeats}, torch threads 1")
         for label, rate, ratio in rows:
-            print(f"  {label:<48s} {rate:8.1f} samples/s   ratio to (a) {ratio:5.2f}")
+            print(f"  {label:<52s} {rate:8.1f} samples/s   ratio to (a) {ratio:5.2f}")
 
         # (d) device side on the CPU
         from anaus_core.augment.device import prepare_batch
@@ -151,9 +169,23 @@ def main() -> None:
         device_time, _ = timed(device_step, repeats)
         images = batch["view1"].float() / 255
         cpu_time, _ = timed(lambda: per_image_photometric(images), repeats)
-        print(f"  (d) prepare_batch on {device.type} (both views, B={size})      {2 * size / device_time:8.1f} views/s")
-        print(f"      torchvision v2 per image (view-1 chain)           {size / cpu_time:8.1f} views/s   "
+        from anaus_core.augment.views import ViewConfig
+
+        device_batch = next(iter(build_pretrain_loader(store, batch_size=size, num_workers=0, seed=0,
+                                                       view_config=ViewConfig(geometry="device"))))
+
+        def device_geometry_step():
+            prepare_batch(device_batch, device=device, generator=generator, config=None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        device_geometry_step()
+        geometry_time, _ = timed(device_geometry_step, repeats)
+        print(f"  (d) prepare_batch on {device.type} (both views, B={size})          {2 * size / device_time:8.1f} views/s")
+        print(f"      torchvision v2 per image (view-1 chain)               {size / cpu_time:8.1f} views/s   "
               f"ratio batched/per-image {(2 * size / device_time) / (size / cpu_time):5.2f}")
+        print(f"      prepare_batch + device geometry (B={size})            {2 * size / geometry_time:8.1f} views/s   "
+              f"({1e3 * (geometry_time - device_time) / size:.2f} ms per sample more than worker geometry)")
 
 
 if __name__ == "__main__":

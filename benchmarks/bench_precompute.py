@@ -11,7 +11,7 @@ Sections (each prints medians over ``--repeats`` fresh runs):
    as a fraction of the masker's own time, ``(wall - masker) / masker``;
 2. a no-op re-run over ``--noop-samples`` samples (default 10,000 tiny 64 px images with the
    labels masker): wall time of the run that finds everything up to date;
-3. peak RSS of the whole job (a child process per run, ``resource.getrusage``) against corpus
+3. peak RSS of the whole job (a child process per run, its ``VmHWM``) against corpus
    size, to show memory stays flat as the corpus grows.
 
 ``--device cuda`` runs only the GPU section: SAM (``--sam-spec``, random weights, native size)
@@ -70,8 +70,9 @@ def make_tiny_corpus(root: Path, count: int, size: int = 64, seed: int = 0) -> P
 def list_file(root: Path, count: int) -> Path:
     """A corpus list file naming the first ``count`` images of a tiny corpus."""
     names = sorted(p.name for p in (root / "img").glob("*.png"))[:count]
-    path = root / f"list_{count}.txt"
-    path.write_text("".join(f"img/{n}\n" for n in names))
+    # Inside img/ so relative paths (and so label paths under label/) are just the file names.
+    path = root / "img" / f"list_{count}.txt"
+    path.write_text("".join(f"{n}\n" for n in names))
     return path
 
 
@@ -149,17 +150,21 @@ def bench_maskers(work: Path, *, count: int, size: int, repeats: int, sam_size: 
 # ---------------------------------------------------------------------------------------------
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pipeline.config import PrecomputeConfig
 from pipeline.job import run_precompute
 start = time.perf_counter()
 report = run_precompute(PrecomputeConfig(corpus=sys.argv[2], out=sys.argv[3], masker="labels", labels=sys.argv[4],
                         stored_size=64, samples_per_shard=1000, batch_size=64, progress=False), show_report=False)
+if report.exit_code != 0:
+    raise SystemExit(f"benchmark run skipped inputs: {report.errors[:2]}")
+# VmHWM, not getrusage: VmHWM survives fork+exec on Linux and would report the parent's peak.
+peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"wall_s": report.wall_seconds, "in_process_s": time.perf_counter() - start, "samples": report.samples,
                   "did_no_work": report.did_no_work, "computed": {k: v.computed for k, v in report.stages.items()},
                   "sources_hashed": report.sources_hashed, "plan_s": report.plan_seconds,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_kib / 1024}))
 """
 
 
@@ -310,6 +315,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
     parser.add_argument("--noop-samples", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write all figures here")
+    parser.add_argument("--skip-maskers", action="store_true", help="only the no-op and memory sections")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sam-spec", default="vit_b")
     parser.add_argument("--gpu-samples", type=int, default=96)
@@ -330,11 +336,12 @@ def main() -> None:
             results["gpu"] = bench_gpu(work, spec=args.sam_spec, count=args.gpu_samples, batch_size=args.gpu_batch_size, points=args.gpu_points, device=args.device)
         else:
             repeats = args.repeats or (1 if args.quick else 3)
-            print("== 1. throughput per masker (in-process, 1 thread)")
-            results["maskers"] = bench_maskers(
-                work, count=16 if args.quick else 64, size=128 if args.quick else 256, repeats=repeats,
-                sam_size=128 if args.quick else 256, sam_points=8,
-            )
+            if not args.skip_maskers:
+                print("== 1. throughput per masker (in-process, 1 thread)")
+                results["maskers"] = bench_maskers(
+                    work, count=16 if args.quick else 64, size=128 if args.quick else 256, repeats=repeats,
+                    sam_size=128 if args.quick else 256, sam_points=8,
+                )
             noop = args.noop_samples or (1000 if args.quick else 10_000)
             sizes = [250, 1000] if args.quick else [1000, 4000, 10_000]
             print(f"== 2./3. no-op re-run over {noop} samples; peak RSS vs corpus size")

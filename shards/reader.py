@@ -72,6 +72,83 @@ def _iter_members(tar: tarfile.TarFile, label: str) -> Iterator[tuple[str, str, 
         yield split[0], split[1], data, member.offset, end
 
 
+class _NeedsTarfile(Exception):
+    """A header the fast parser leaves to ``tarfile`` (pax/GNU extensions, links, base-256 sizes)."""
+
+
+_BLOCK = 512
+_ZERO_BLOCK = b"\0" * _BLOCK
+_REGULAR_TYPES = (b"0", b"\0")
+
+
+def _header_checksum_ok(header: bytes) -> bool:
+    try:
+        stored = int(header[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    # The checksum field counts as eight spaces; like tarfile, accept the unsigned or signed sum.
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    if stored == unsigned:
+        return True
+    field = header[:148] + b"        " + header[156:]
+    return stored == unsigned - 256 * sum(1 for byte in field if byte > 127)
+
+
+def _parse_header(header: bytes, label: str, offset: int) -> tuple[str, int]:
+    """(member name, data size) of a plain ustar regular-file header; _NeedsTarfile otherwise."""
+    if header[156:157] not in _REGULAR_TYPES or header[257:262] != b"ustar":
+        raise _NeedsTarfile
+    size_field = header[124:136]
+    if size_field[0] & 0x80:  # base-256 size (over 8 GiB)
+        raise _NeedsTarfile
+    if not _header_checksum_ok(header):
+        raise ShardReadError(f"{label}: damaged tar header at byte {offset} (checksum mismatch)")
+    try:
+        size = int(size_field.replace(b"\0", b" ").strip() or b"0", 8)
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise ShardReadError(f"{label}: damaged tar header at byte {offset}") from None
+    return (f"{prefix}/{name}" if prefix else name), size
+
+
+def _scan_members(handle, label: str, start: int = 0) -> Iterator[tuple[str, str, bytes, int, int]]:
+    """Like :func:`_iter_members`, parsing the 512-byte ustar headers directly instead of
+    through ``tarfile`` (whose per-member TarInfo parsing costs more than decoding a sample's
+    masks). Stops at the end-of-archive block or at the end of the data; members this parser
+    does not handle (pax or GNU long names, links, huge sizes) hand the rest to ``tarfile``."""
+    offset = start
+    while True:
+        header = handle.read(_BLOCK)
+        if len(header) == 0:
+            return  # no end-of-archive marker: iter_raw_samples' check_end reports it
+        if len(header) < _BLOCK:
+            raise ShardReadError(f"{label}: truncated tar after byte {offset} (partial header)")
+        if header == _ZERO_BLOCK:
+            handle.seek(offset)  # leave the marker for the end-of-archive check
+            return
+        try:
+            name, size = _parse_header(header, label, offset)
+        except _NeedsTarfile:
+            handle.seek(offset)
+            try:
+                tar = tarfile.open(fileobj=handle, mode="r:")
+            except tarfile.TarError as exc:
+                raise ShardReadError(f"{label}: damaged tar header at byte {offset} ({exc})") from None
+            yield from _iter_members(tar, label)
+            return
+        split = _split_member(name)
+        if split is None:
+            raise ShardReadError(f"{label}: member {name!r} has no key.field name")
+        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        data = handle.read(padded)
+        if len(data) < size:
+            raise ShardReadError(f"{label}: truncated tar (member {name} has {max(len(data), 0)} of {size} bytes)")
+        end = offset + _BLOCK + padded
+        yield split[0], split[1], (data[:size] if padded != size else data), offset, end
+        offset = end
+
+
 def iter_raw_samples(path: str | os.PathLike, *, check_end: bool = True) -> Iterator[RawSample]:
     """Undecoded samples of one tar in file order, grouping consecutive members by key.
 
@@ -87,17 +164,17 @@ def iter_raw_samples(path: str | os.PathLike, *, check_end: bool = True) -> Iter
     except OSError as exc:
         raise ShardReadError(f"{label}: cannot open ({exc.strerror or exc})") from None
     with handle:
-        try:
-            tar = tarfile.open(fileobj=handle, mode="r:")
-        except tarfile.TarError as exc:
+        first = handle.read(_BLOCK)
+        handle.seek(0)
+        if len(first) < _BLOCK or first == _ZERO_BLOCK or not _header_checksum_ok(first):
             size = os.fstat(handle.fileno()).st_size
-            reason = "empty file" if size == 0 else f"not a tar or damaged header ({exc})"
-            raise ShardReadError(f"{label}: {reason}") from None
+            reason = "empty file" if size == 0 else "not a tar or damaged header (first header unreadable)"
+            raise ShardReadError(f"{label}: {reason}")
         seen: set[str] = set()
         current: RawSample | None = None
         end = 0
         try:
-            for key, field_name, data, start, end in _iter_members(tar, label):
+            for key, field_name, data, start, end in _scan_members(handle, label):
                 if current is not None and key == current.key:
                     if field_name in current.fields:
                         raise ShardReadError(f"{label}: member {key}.{field_name} appears twice")
@@ -144,8 +221,7 @@ def _decode(raw: RawSample, label: str, *, verify: bool) -> ShardSample:
 def parse_sample_bytes(chunk: bytes, label: str) -> RawSample:
     """Parse the bytes of one sample (its tar members, as located by the index)."""
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(chunk), mode="r:")
-        members = list(_iter_members(tar, label))
+        members = list(_scan_members(io.BytesIO(chunk), label))
     except tarfile.TarError as exc:
         raise ShardReadError(f"{label}: damaged tar members ({exc})") from None
     if not members:
@@ -154,6 +230,17 @@ def parse_sample_bytes(chunk: bytes, label: str) -> RawSample:
     if any(m[0] != key for m in members):
         raise ShardReadError(f"{label}: the indexed byte range holds several keys")
     return RawSample(key=key, fields={m[1]: m[2] for m in members}, offset=0, size=len(chunk))
+
+
+def peek_key(chunk: bytes) -> str | None:
+    """The key named by the first tar header of ``chunk`` (None if it is not a plain header);
+    lets a reader say "wrong sample here" before it finds the chunk's members cut short."""
+    try:
+        name, _ = _parse_header(chunk[:_BLOCK], "", 0) if len(chunk) >= _BLOCK else (None, 0)
+    except (_NeedsTarfile, ShardReadError):
+        return None
+    split = _split_member(name) if name else None
+    return split[0] if split else None
 
 
 class ShardReader:
@@ -225,6 +312,9 @@ class ShardReader:
         except OSError as exc:
             raise ShardReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
         expected_key = self.index.keys[row]
+        found = peek_key(chunk)
+        if found is not None and found != expected_key:
+            raise ShardReadError(f"{path}: index says {expected_key!r} is at byte {offset}, found {found!r}")
         if len(chunk) != size:
             raise ShardReadError(f"{path}: truncated (sample {expected_key!r} needs bytes {offset}..{offset + size}, file ends at {offset + len(chunk)})")
         raw = parse_sample_bytes(chunk, str(path))

@@ -101,8 +101,12 @@ class ShardSource:
         return shard, int(sample - self.first_sample[shard])
 
 
-def open_url(url: str):
-    """A binary read stream for a local path, ``file://``/fsspec URL or ``pipe:`` command."""
+def open_url(url: str, *, random_access: bool = False):
+    """A binary read stream for a local path, ``file://``/fsspec URL or ``pipe:`` command.
+
+    ``random_access``: the caller seeks to each sample and reads exactly its bytes, so a local
+    file is opened unbuffered (a 1 MiB read-ahead buffer would be refilled, mostly in vain,
+    after every seek)."""
     if url.startswith("pipe:"):
         import webdataset as wds
 
@@ -111,7 +115,7 @@ def open_url(url: str):
         import fsspec
 
         return fsspec.open(url, "rb").open()
-    return open(url, "rb", buffering=1 << 20)
+    return open(url, "rb", buffering=0 if random_access else 1 << 20)
 
 
 def _sample_key(name: str) -> str | None:
@@ -320,6 +324,23 @@ def read_shard(url: str, *, skip: int = 0) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
+def _read_exactly(handle, size: int) -> bytes:
+    """``size`` bytes from ``handle`` (fewer only at the end of the file): unbuffered and fsspec
+    streams may return short reads."""
+    chunk = handle.read(size)
+    if len(chunk) >= size or not chunk:
+        return chunk
+    parts = [chunk]
+    received = len(chunk)
+    while received < size:
+        more = handle.read(size - received)
+        if not more:
+            break
+        parts.append(more)
+        received += len(more)
+    return b"".join(parts)
+
+
 class RawSample:
     """Default per-sample transform of ``ShardStream``: the key and sample number, nothing decoded."""
 
@@ -478,10 +499,10 @@ class ShardStream(IterableDataset):
                     shard, _ = self.source.locate(number)
                     url = self.source.urls[shard]
                     if shard not in handles:
-                        handles[shard] = open_url(url)
+                        handles[shard] = open_url(url, random_access=True)
                     handle = handles[shard]
                     handle.seek(int(self.source.offsets[number]))
-                    chunk = handle.read(int(self.source.nbytes[number]))
+                    chunk = _read_exactly(handle, int(self.source.nbytes[number]))
                     if len(chunk) != int(self.source.nbytes[number]):
                         raise ShardReadError(f"{url}: truncated (sample {number} ends past the end of the file)")
                     raw = parse_sample_bytes(chunk, url).as_webdataset_dict(url)
@@ -531,10 +552,77 @@ class ShardStream(IterableDataset):
 # pre-training samples and loaders
 # ------------------------------------------------------------------------------------------------
 
-def _default_decode(raw: Mapping[str, bytes]):
-    from shards.sample import decode_sample
+@dataclass
+class TrainingSample:
+    """What pre-training needs of a stored sample, without expanding the masks.
 
-    return decode_sample(raw)
+    Attributes:
+        key: the sample key.
+        image: uint8 (H, W).
+        mask_layers: the stored label layers (``anaus_core.augment.views.MaskLayers``): mask ``i``
+            is the pixels equal to ``i + 1`` in layer ``layer_of_mask[i]``.
+        mask_ids: int64 (M,) ids from the record.
+        area_grid: uint8 (M, g, g), the finest stored pyramid level (area fraction × 255), or None.
+    """
+
+    key: str
+    image: np.ndarray
+    mask_layers: Any
+    mask_ids: np.ndarray
+    area_grid: np.ndarray | None
+
+
+def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True) -> TrainingSample:
+    """Raw webdataset sample -> ``TrainingSample``: PNG, label layers, finest pyramid level, ids.
+
+    The pipeline's decode. Unlike ``shards.sample.decode_sample`` it never expands the label
+    layers into M boolean planes (the view code gathers the K sampled masks from the layers)
+    and reads only the id of each mask from the record. ``verify`` checks every member's crc32
+    and the record against the headers (shape, mask count), as ``decode_sample``'s default does.
+    """
+    import json
+    import zlib
+
+    from anaus_core.augment.views import MaskLayers
+    from shards.sample import STORAGE_KEY, SampleFormatError, decode_image, decode_mask_layers, decode_pyramid
+
+    key = str(raw.get("__key__", "?"))
+    members = {}
+    for name in ("json", "png", "masks.bin", "pyramid.bin"):
+        value = raw.get(name)
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise SampleFormatError(f"{key}: member {name} is missing or already decoded")
+        members[name] = value
+    try:
+        record = json.loads(members["json"])
+        storage = record[STORAGE_KEY]
+        ids = np.asarray([entry["id"] for entry in record["masks"]], np.int64)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SampleFormatError(f"{key}: json: not a shard-store record ({error})") from None
+    if verify:
+        crcs = storage.get("crc32", {})
+        for name in ("png", "masks.bin", "pyramid.bin"):
+            if crcs.get(name) != zlib.crc32(members[name]):
+                raise SampleFormatError(f"{key}: {name}: crc32 mismatch (member altered)")
+    try:
+        image = decode_image(members["png"])
+        layers, layer_of_mask = decode_mask_layers(members["masks.bin"])
+        pyramid = decode_pyramid(members["pyramid.bin"])
+    except SampleFormatError as error:
+        raise SampleFormatError(f"{key}: {error}") from None
+    if layers.shape[1:] != image.shape and len(layer_of_mask):
+        raise SampleFormatError(f"{key}: masks are {layers.shape[1:]}, image is {image.shape}")
+    if len(ids) != len(layer_of_mask) or (verify and storage.get("mask_count") != len(ids)):
+        raise SampleFormatError(f"{key}: record lists {len(ids)} masks, masks.bin holds {len(layer_of_mask)}")
+    area_grid = pyramid[max(pyramid)] if pyramid and len(ids) else None
+    if area_grid is not None and area_grid.shape[0] != len(ids):
+        raise SampleFormatError(f"{key}: pyramid holds {area_grid.shape[0]} masks, the record {len(ids)}")
+    return TrainingSample(key=key, image=image, mask_layers=MaskLayers(layers, layer_of_mask),
+                          mask_ids=ids, area_grid=area_grid)
+
+
+def _default_decode(raw: Mapping[str, bytes]):
+    return decode_training_sample(raw)
 
 
 class PretrainSampleTransform:
@@ -553,14 +641,17 @@ class PretrainSampleTransform:
 
     def __call__(self, raw: Mapping[str, Any], number: int, epoch: int) -> dict[str, np.ndarray]:
         sample = self.decode(raw)
-        mask_set = sample.mask_set
-        area_grid = None
-        pyramid = getattr(sample, "mask_pyramid", None)
-        if pyramid and len(mask_set):
-            finest = max(pyramid)
-            area_grid = np.asarray(pyramid[finest], dtype=np.float32) / 255.0
+        if isinstance(sample, TrainingSample):
+            masks, ids, grid = sample.mask_layers, sample.mask_ids, sample.area_grid
+        else:  # a ShardSample from a custom decode (e.g. shards.sample.decode_sample)
+            mask_set = sample.mask_set
+            masks, ids, grid = mask_set.masks, mask_set.ids, None
+            pyramid = getattr(sample, "mask_pyramid", None)
+            if pyramid and len(mask_set):
+                grid = pyramid[max(pyramid)]
         rng = np.random.default_rng([self.seed, epoch, number])
-        out = self.views(sample.image, mask_set.masks, mask_set.ids, rng=rng, area_grid=area_grid)
+        # the stored uint8 level as is: PairedViews reads uint8 grids as fraction × 255
+        out = self.views(sample.image, masks, ids, rng=rng, area_grid=None if grid is None else np.asarray(grid, np.uint8))
         out["index"] = np.int64(number)
         return out
 

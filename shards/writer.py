@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from shards.sample import (
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_PNG_COMPRESS_LEVEL,
+    DEFAULT_PNG_FILTER,
     DEFAULT_SCALES,
     FIELDS,
     STORAGE_KEY,
@@ -153,9 +154,13 @@ class ShardFileWriter:
         codec: str = "zstd",
         level: int = DEFAULT_COMPRESSION_LEVEL,
         png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+        png_filter: str = DEFAULT_PNG_FILTER,
+        check_pyramid: bool | None = None,
     ):
         self.path = Path(path)
         self.png_compress_level = png_compress_level
+        self.png_filter = png_filter
+        self.check_pyramid = check_pyramid
         if self.path.suffix != ".tar":
             raise ValueError(f"{self.path}: shard names must end in .tar")
         self.codec = codec
@@ -179,7 +184,12 @@ class ShardFileWriter:
         """Add a ShardSample, or a dict already produced by :func:`encode_sample`."""
         if self._closed:
             raise RuntimeError(f"{self.path}: writer is closed")
-        encoded = encode_sample(sample, codec=self.codec, level=self.level, png_compress_level=self.png_compress_level) if isinstance(sample, ShardSample) else sample
+        if isinstance(sample, ShardSample):
+            encoded = encode_sample(
+                sample, codec=self.codec, level=self.level, png_compress_level=self.png_compress_level, png_filter=self.png_filter, check_pyramid=self.check_pyramid
+            )
+        else:
+            encoded = sample
         key = check_key(encoded["__key__"])
         if key in self._keys:
             raise ValueError(f"{self.path.name}: duplicate key {key!r}")
@@ -233,12 +243,16 @@ def write_shard(
     codec: str = "zstd",
     level: int = DEFAULT_COMPRESSION_LEVEL,
     png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+    png_filter: str = DEFAULT_PNG_FILTER,
+    check_pyramid: bool | None = None,
 ) -> ShardInfo:
     """Write ``samples`` to the shard ``path`` (``*.tar``) atomically and return its ShardInfo.
 
     An existing shard of that name is replaced only once the new one is complete.
+    ``check_pyramid`` is passed to :func:`shards.sample.encode_sample` (None: recompute the
+    pyramid to check it unless the sample was made by ``ShardSample.build``).
     """
-    writer = ShardFileWriter(path, codec=codec, level=level, png_compress_level=png_compress_level)
+    writer = ShardFileWriter(path, codec=codec, level=level, png_compress_level=png_compress_level, png_filter=png_filter, check_pyramid=check_pyramid)
     try:
         for sample in samples:
             writer.add(sample)
@@ -273,6 +287,8 @@ class ShardWriter:
         codec: str = "zstd",
         level: int = DEFAULT_COMPRESSION_LEVEL,
         png_compress_level: int = DEFAULT_PNG_COMPRESS_LEVEL,
+        png_filter: str = DEFAULT_PNG_FILTER,
+        check_pyramid: bool | None = None,
     ):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
@@ -287,6 +303,8 @@ class ShardWriter:
         self.codec = codec
         self.level = level
         self.png_compress_level = png_compress_level
+        self.png_filter = png_filter
+        self.check_pyramid = check_pyramid
         self.shard_infos: list[ShardInfo] = []
         self._current: ShardFileWriter | None = None
         self._keys: set[str] = set()
@@ -301,7 +319,11 @@ class ShardWriter:
             raise ValueError(f"duplicate key {sample.key!r}")
         if self._current is None:
             self._current = ShardFileWriter(
-                self.out_dir / self.name_pattern.format(self.next_index), codec=self.codec, level=self.level, png_compress_level=self.png_compress_level
+                self.out_dir / self.name_pattern.format(self.next_index), codec=self.codec,
+                level=self.level,
+                png_compress_level=self.png_compress_level,
+                png_filter=self.png_filter,
+                check_pyramid=self.check_pyramid,
             )
             self.next_index += 1
         entry = self._current.add(sample)

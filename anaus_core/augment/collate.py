@@ -1,4 +1,5 @@
-"""Collation of per-sample view dicts into the CONTRACTS.md pre-training batch (dict of CPU tensors)."""
+"""Collation of per-sample view dicts into the CONTRACTS.md pre-training batch (dict of CPU tensors),
+or into a device-geometry batch (``ViewConfig(geometry="device")``, images padded to a canvas)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ BATCH_FIELDS: dict[str, torch.dtype] = {
     "flip1": torch.bool,
     "flip2": torch.bool,
     "index": torch.int64,
+    # device-geometry batches (ViewConfig(geometry="device"); "image" and "mask_layers" are padded below)
+    "mask_layer": torch.int64,
+    "mask_value": torch.int64,
+    "core_box": torch.float32,
+    "view_size": torch.int64,
 }
 
 
@@ -36,4 +42,28 @@ def collate_views(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torc
             continue
         stacked = np.stack([np.asarray(sample[name]) for sample in samples])
         batch[name] = torch.from_numpy(stacked).to(dtype)
+    if "image" in samples[0]:
+        batch.update(_collate_canvas(samples))
     return batch
+
+
+def _collate_canvas(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Device-geometry fields: images (1, H, W) and label layers (L, H, W) of different sizes,
+    zero-padded at the bottom/right to the largest H, W (and L) of the batch.
+
+    The padding is never read: the device resamples only inside each sample's crop boxes.
+    Layers stay uint8 unless a sample needs 16-bit labels (then int32: torch's uint16 support
+    is partial).
+    """
+    height = max(int(np.asarray(s["image"]).shape[-2]) for s in samples)
+    width = max(int(np.asarray(s["image"]).shape[-1]) for s in samples)
+    layers_max = max(1, max(int(np.asarray(s["mask_layers"]).shape[0]) for s in samples))
+    wide = any(np.asarray(s["mask_layers"]).dtype != np.uint8 for s in samples)
+    images = np.zeros((len(samples), 1, height, width), np.uint8)
+    layers = np.zeros((len(samples), layers_max, height, width), np.int32 if wide else np.uint8)
+    for index, sample in enumerate(samples):
+        image = np.asarray(sample["image"])
+        images[index, :, :image.shape[-2], :image.shape[-1]] = image
+        layer = np.asarray(sample["mask_layers"])
+        layers[index, :layer.shape[0], :layer.shape[1], :layer.shape[2]] = layer
+    return {"image": torch.from_numpy(images), "mask_layers": torch.from_numpy(layers)}

@@ -89,6 +89,10 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], *, device: torch.device | s
     normalised (intact); ``mask_ids``, ``mask_valid1/2``, ``core_valid`` (and ``crop1/2``,
     ``flip1/2``, ``index`` when present) moved to the device. ``generator`` must live on
     ``device``; it alone decides the photometric draws.
+
+    A device-geometry batch (``ViewConfig(geometry="device")``: ``image``, ``mask_layers``, boxes)
+    is first cut and resized here; the result equals the worker path's (masks exactly, images
+    within one grey level) and the photometric draws are the same for the same generator.
     """
     config = DeviceAugmentConfig.from_dict(config) if not isinstance(config, DeviceAugmentConfig) else config
     device = torch.device(device)
@@ -96,16 +100,29 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], *, device: torch.device | s
     moved = {name: value.to(device, non_blocking=non_blocking) for name, value in batch.items()
              if isinstance(value, torch.Tensor)}
     out: dict[str, torch.Tensor] = {}
-    size = moved["view1"].shape[-1]
+    if "image" in moved:
+        # device-geometry batch: cut, resize and flip here (anaus_core.augment.device_geometry)
+        from anaus_core.augment.device_geometry import apply_device_geometry
+
+        size = int(batch["view_size"].reshape(-1)[0])  # read on the CPU copy: no device sync
+        geometry = apply_device_geometry(moved, size)
+        views = {name: geometry[name] for name in ("view1", "view2", "core")}
+        for name in ("masks1", "masks2"):
+            out[name] = geometry[name].float()
+        for name in ("mask_valid1", "mask_valid2"):
+            moved[name] = geometry[name]
+    else:
+        size = moved["view1"].shape[-1]
+        views = {name: moved[name].float().div_(255.0) for name in ("view1", "view2", "core")}
+        for name in ("masks1", "masks2"):
+            out[name] = unpack_masks(moved[name], size).float()
     for name, view_config in (("view1", config.view1), ("view2", config.view2)):
-        images = moved[name].float().div_(255.0)
+        images = views[name]
         if config.photometric:
             params = sample_params(images.shape[0], view_config, generator=generator, device=device)
             images = apply_params(images, params, view_config)
         out[name] = normalize_gray(images, config.mean, config.std)
-    for name in ("masks1", "masks2"):
-        out[name] = unpack_masks(moved[name], size).float()
-    out["core"] = normalize_gray(moved["core"].float().div_(255.0), config.mean, config.std)
+    out["core"] = normalize_gray(views["core"], config.mean, config.std)
     for name in ("mask_ids", "mask_valid1", "mask_valid2", "core_valid", "crop1", "crop2", "flip1", "flip2", "index"):
         if name in moved:
             out[name] = moved[name]

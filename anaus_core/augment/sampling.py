@@ -27,13 +27,16 @@ def sample_mask_indices(weights: np.ndarray, num_samples: int, rng: np.random.Ge
 
     Returns int64 (num_samples,); an empty array when no weight is positive (no mask present).
     """
-    weights = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
-    total = weights.sum()
-    if weights.size == 0 or not np.isfinite(total) or total <= 0:
+    weights = np.maximum(np.asarray(weights, dtype=np.float64), 0.0)
+    if weights.size == 0:
         return np.zeros(0, dtype=np.int64)
-    # Inverse-CDF draw: identical to rng.choice(p=...) in distribution, without its O(M) checks.
-    cdf = np.cumsum(weights / total)
-    draws = rng.random(num_samples)
-    # Rounding can leave cdf[-1] a hair below 1; clamp to the last mask that has weight.
-    last_present = int(np.flatnonzero(weights > 0)[-1])
+    # Inverse-CDF draw: identical to rng.choice(p=...) in distribution, without its O(M) checks
+    # (this runs once per sample in the workers).
+    cdf = np.cumsum(weights)
+    total = cdf[-1]
+    if not np.isfinite(total) or total <= 0:
+        return np.zeros(0, dtype=np.int64)
+    draws = rng.random(num_samples) * total
+    # Rounding can put a draw at or past cdf[-1]; clamp to the last mask that has weight.
+    last_present = weights.size - 1 - int(np.argmax(weights[::-1] > 0))
     return np.minimum(np.searchsorted(cdf, draws, side="right"), last_present).astype(np.int64)

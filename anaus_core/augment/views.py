@@ -17,6 +17,21 @@ Per sample this produces the CONTRACTS.md "pre-training batch" fields (numpy, un
     flip1, flip2        bool  ()
 
 Only the K sampled masks (at most K distinct ones) are warped and packed, never the whole set.
+Masks may come as boolean planes or as the shard store's label layers (``MaskLayers``: the
+gather then runs once per layer, not once per mask).
+
+With ``ViewConfig(geometry="device")`` the worker stops after the random draws and ships the
+un-augmented image and the label layers of the sampled masks instead of the warped views;
+``anaus_core.augment.device.prepare_batch`` cuts and resizes the whole batch on the device
+(``anaus_core.augment.device_geometry``) and returns the same tensors. Per-sample fields then:
+
+    image               uint8 (1, H, W)         the stored image (collate pads to a canvas)
+    mask_layers         uint8/uint16 (L, H, W)  label layers holding the sampled masks
+    mask_layer          int64 (K,)              layer of each slot
+    mask_value          int64 (K,)              label of each slot in that layer, 0 = empty slot
+    core_box            float32 (4,)            the overlap box (zeros when core_valid is False)
+    view_size           int64 ()                S
+    mask_ids, core_valid, crop1, crop2, flip1, flip2   as above
 """
 
 from __future__ import annotations
@@ -28,11 +43,12 @@ import numpy as np
 from anaus_core.augment.geometry import (
     CropBox,
     box_area_exact,
-    box_area_from_grid,
+    box_areas_from_grid,
     intersect_boxes,
     resize_region,
     sample_resized_crop,
     warp_image,
+    warp_label_layers,
     warp_masks,
 )
 from anaus_core.augment.sampling import area_weights, sample_mask_indices
@@ -59,6 +75,8 @@ class ViewConfig:
     num_mask_samples: int = 16
     core_min_side: int = 8
     sampling_area: str = "grid"
+    geometry: str = "worker"
+
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size % 8:
@@ -73,6 +91,47 @@ class ViewConfig:
             raise ValueError(f"num_mask_samples must be >= 1, got {self.num_mask_samples}")
         if self.sampling_area not in ("grid", "exact"):
             raise ValueError(f"sampling_area must be 'grid' or 'exact', got {self.sampling_area!r}")
+        if self.geometry not in ("worker", "device"):
+            raise ValueError(f"geometry must be 'worker' or 'device', got {self.geometry!r}")
+
+
+@dataclass(frozen=True)
+class MaskLayers:
+    """Masks as label layers (the shard store's ``masks.bin`` layout, ``shards.sample``): mask
+    ``i`` is the set of pixels equal to ``i + 1`` in ``layers[layer_of_mask[i]]``.
+
+    Attributes:
+        layers: uint8 or uint16 (L, H, W).
+        layer_of_mask: int (M,).
+    """
+
+    layers: np.ndarray
+    layer_of_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.layer_of_mask)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.layers.shape[1]), int(self.layers.shape[2]))
+
+    def masks(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """bool (U, H, W) of the masks at ``indices`` (all when None)."""
+        indices = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        values = (indices + 1).astype(self.layers.dtype)[:, None, None]
+        return self.layers[np.asarray(self.layer_of_mask, dtype=np.int64)[indices]] == values
+
+    def areas_in_box(self, box: CropBox) -> np.ndarray:
+        """Exact pixel count of every mask inside ``box`` (int64 (M,)), one histogram per layer."""
+        count = len(self)
+        areas = np.zeros(count, np.int64)
+        layer_of_mask = np.asarray(self.layer_of_mask, dtype=np.int64)
+        for index, layer in enumerate(self.layers):
+            region = layer[box.top:box.bottom, box.left:box.right]
+            histogram = np.bincount(region.reshape(-1), minlength=count + 1)
+            mine = np.flatnonzero(layer_of_mask == index)
+            areas[mine] = histogram[mine + 1]
+        return areas
 
 
 class PairedViews:
@@ -83,8 +142,9 @@ class PairedViews:
         masks: bool (M, H, W) full-size masks (may overlap, M may be 0).
         ids: int (M,) mask ids (>= 1).
         rng: the sample's own generator (the stream seeds it from (seed, epoch, position)).
-        area_grid: optional float (M, g, g) area fraction of each grid cell per mask (the stored
-            pyramid / 255) used for the sampling weights when ``config.sampling_area == "grid"``.
+        area_grid: optional (M, g, g) area fraction of each grid cell per mask — float fractions,
+            or the stored uint8 pyramid level (fraction × 255) — used for the sampling weights
+            when ``config.sampling_area == "grid"``.
     """
 
     def __init__(self, config: ViewConfig | None = None) -> None:
@@ -97,16 +157,22 @@ class PairedViews:
         flip = bool(rng.random() < config.flip_p)
         return box, flip
 
-    def _view_areas(self, masks: np.ndarray, box: CropBox, area_grid: np.ndarray | None) -> np.ndarray:
-        height, width = masks.shape[1], masks.shape[2]
+    def _view_areas(self, masks: np.ndarray | MaskLayers, boxes: tuple[CropBox, CropBox],
+                    area_grid: np.ndarray | None) -> np.ndarray:
+        """float64 (2, M): each mask's area in each view, in view pixels."""
+        height, width = masks.shape if isinstance(masks, MaskLayers) else masks.shape[1:]
         if self.config.sampling_area == "grid" and area_grid is not None:
-            areas = box_area_from_grid(area_grid, box, height, width)
+            grid = np.asarray(area_grid)
+            scale = 1 / 255 if grid.dtype == np.uint8 else 1.0  # the stored pyramid, round(255 f)
+            areas = box_areas_from_grid(grid, list(boxes), height, width, scale)
+        elif isinstance(masks, MaskLayers):
+            areas = np.stack([masks.areas_in_box(box) for box in boxes]).astype(np.float64)
         else:
-            areas = box_area_exact(masks, box).astype(np.float64)
+            areas = np.stack([box_area_exact(masks, box) for box in boxes]).astype(np.float64)
         # Weights are in view pixels: what the loss sees after the crop is resized to S×S.
-        return areas * (self.config.size ** 2 / (box.height * box.width))
+        return areas * np.array([self.config.size ** 2 / (box.height * box.width) for box in boxes])[:, None]
 
-    def __call__(self, image: np.ndarray, masks: np.ndarray, ids: np.ndarray, *, rng: np.random.Generator,
+    def __call__(self, image: np.ndarray, masks: np.ndarray | MaskLayers, ids: np.ndarray, *, rng: np.random.Generator,
                  area_grid: np.ndarray | None = None) -> dict[str, np.ndarray]:
         config = self.config
         size, num = config.size, config.num_mask_samples
@@ -114,51 +180,105 @@ class PairedViews:
         if image.ndim != 2 or image.dtype != np.uint8:
             raise ValueError(f"image must be uint8 (H, W), got {image.dtype} {image.shape}")
         height, width = image.shape
-        masks = np.asarray(masks, dtype=bool)
-        if masks.ndim != 3 or masks.shape[1:] != (height, width):
-            raise ValueError(f"masks must be (M, {height}, {width}), got {masks.shape}")
+        if isinstance(masks, MaskLayers):
+            if masks.shape != (height, width):
+                raise ValueError(f"mask layers must be (L, {height}, {width}), got {masks.layers.shape}")
+        else:
+            masks = np.asarray(masks, dtype=bool)
+            if masks.ndim != 3 or masks.shape[1:] != (height, width):
+                raise ValueError(f"masks must be (M, {height}, {width}), got {masks.shape}")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
 
         box1, flip1 = self.sample_geometry(rng, height, width)
         box2, flip2 = self.sample_geometry(rng, height, width)
 
-        packed_width = size // 8
-        masks1 = np.zeros((num, size, packed_width), np.uint8)
-        masks2 = np.zeros((num, size, packed_width), np.uint8)
-        mask_ids = np.zeros(num, np.int64)
-        valid1 = np.zeros(num, bool)
-        valid2 = np.zeros(num, bool)
+        chosen = np.zeros(0, np.int64)
         if len(masks):
-            weights = area_weights(self._view_areas(masks, box1, area_grid), self._view_areas(masks, box2, area_grid))
+            areas = self._view_areas(masks, (box1, box2), area_grid)
+            weights = area_weights(areas[0], areas[1])
             chosen = sample_mask_indices(weights, num, rng)
-            if chosen.size:
-                unique, slot_to_unique = np.unique(chosen, return_inverse=True)
-                selected = masks[unique]
-                for box, flip, packed_out, valid_out in ((box1, flip1, masks1, valid1), (box2, flip2, masks2, valid2)):
-                    warped = np.ascontiguousarray(warp_masks(selected, box, flip, size))
-                    # size % 8 == 0, so packing the flat array is packing each row (and ~20x faster
-                    # than packbits(axis=-1) on numpy's strided fancy-index output)
-                    packed = np.packbits(warped.reshape(-1), bitorder="big").reshape(len(unique), size, packed_width)
-                    packed_out[:] = packed[slot_to_unique]
-                    valid_out[:] = packed.reshape(len(unique), -1).any(axis=1)[slot_to_unique]
-                mask_ids[:] = ids[chosen]
+        mask_ids = np.zeros(num, np.int64)
+        if chosen.size:
+            mask_ids[:] = ids[chosen]
 
         overlap = intersect_boxes(box1, box2)
         core_valid = overlap is not None and min(overlap.height, overlap.width) >= config.core_min_side
-        core = resize_region(image, overlap, size) if core_valid else np.zeros((size, size), np.uint8)
-
-        return {
-            "view1": warp_image(image, box1, flip1, size)[None],
-            "view2": warp_image(image, box2, flip2, size)[None],
-            "masks1": masks1,
-            "masks2": masks2,
+        out = {
             "mask_ids": mask_ids,
-            "mask_valid1": valid1,
-            "mask_valid2": valid2,
-            "core": core[None],
             "core_valid": np.bool_(core_valid),
             "crop1": box1.as_array(),
             "crop2": box2.as_array(),
             "flip1": np.bool_(flip1),
             "flip2": np.bool_(flip2),
+        }
+        if config.geometry == "device":
+            out.update(self._device_fields(image, masks, chosen, overlap if core_valid else None))
+            return out
+
+        packed_width = size // 8
+        masks1 = np.zeros((num, size, packed_width), np.uint8)
+        masks2 = np.zeros((num, size, packed_width), np.uint8)
+        valid1 = np.zeros(num, bool)
+        valid2 = np.zeros(num, bool)
+        if chosen.size:
+            unique, slot_to_unique = np.unique(chosen, return_inverse=True)
+            for box, flip, packed_out, valid_out in ((box1, flip1, masks1, valid1), (box2, flip2, masks2, valid2)):
+                warped = self._warp_selected(masks, unique, box, flip)
+                # size % 8 == 0, so packing the flat array is packing each row
+                packed = np.packbits(warped.reshape(-1), bitorder="big").reshape(len(unique), size, packed_width)
+                packed_out[:] = packed[slot_to_unique]
+                valid_out[:] = packed.reshape(len(unique), -1).any(axis=1)[slot_to_unique]
+        core = resize_region(image, overlap, size) if core_valid else np.zeros((size, size), np.uint8)
+        out.update({
+            "view1": warp_image(image, box1, flip1, size)[None],
+            "view2": warp_image(image, box2, flip2, size)[None],
+            "masks1": masks1,
+            "masks2": masks2,
+            "mask_valid1": valid1,
+            "mask_valid2": valid2,
+            "core": core[None],
+        })
+        return out
+
+    def _warp_selected(self, masks: np.ndarray | MaskLayers, unique: np.ndarray, box: CropBox, flip: bool) -> np.ndarray:
+        """bool (U, S, S), contiguous: the masks ``unique`` after the view geometry."""
+        size = self.config.size
+        if isinstance(masks, MaskLayers):
+            layer_of_mask = np.asarray(masks.layer_of_mask, dtype=np.int64)[unique]
+            used, layer_slot = np.unique(layer_of_mask, return_inverse=True)
+            warped_layers = warp_label_layers(masks.layers[used], box, flip, size)
+            return warped_layers[layer_slot] == (unique + 1).astype(masks.layers.dtype)[:, None, None]
+        return np.ascontiguousarray(warp_masks(masks[unique], box, flip, size))
+
+    def _device_fields(self, image: np.ndarray, masks: np.ndarray | MaskLayers, chosen: np.ndarray,
+                       core_box: CropBox | None) -> dict[str, np.ndarray]:
+        """What the device needs to make the views itself: the image and the sampled masks' layers."""
+        num = self.config.num_mask_samples
+        height, width = image.shape
+        mask_layer = np.zeros(num, np.int64)
+        mask_value = np.zeros(num, np.int64)
+        if not chosen.size:
+            layers = np.zeros((0, height, width), np.uint8)
+        elif isinstance(masks, MaskLayers):
+            layer_of_mask = np.asarray(masks.layer_of_mask, dtype=np.int64)[chosen]
+            present = np.bincount(layer_of_mask, minlength=len(masks.layers)) > 0
+            if 2 * int(present.sum()) > len(present):
+                # most layers hold a sampled mask: ship them all, uncopied (collate copies once)
+                mask_layer[:] = layer_of_mask
+                layers = masks.layers
+            else:  # ship only the layers that hold a sampled mask, renumbered densely
+                mask_layer[:] = (np.cumsum(present) - 1)[layer_of_mask]
+                layers = masks.layers[present]
+            mask_value[:] = chosen + 1
+        else:
+            unique, mask_layer[:] = np.unique(chosen, return_inverse=True)
+            layers = masks[unique].view(np.uint8)
+            mask_value[:] = 1
+        return {
+            "image": image[None],
+            "mask_layers": layers,
+            "mask_layer": mask_layer,
+            "mask_value": mask_value,
+            "core_box": core_box.as_array() if core_box is not None else np.zeros(4, np.float32),
+            "view_size": np.int64(self.config.size),
         }
