@@ -146,7 +146,8 @@ def precompute_masks_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory: shards, index.zarr, manifest.json, cache/."),
     masker: Optional[str] = typer.Option(None, help="Mask source: labels, kmeans, felzenszwalb, sam, lpsam (default felzenszwalb)."),
     labels: Optional[Path] = typer.Option(None, help="Label folder mirroring the corpus (--masker labels)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="SAM / LP-SAM checkpoint (--masker sam|lpsam)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The masker's checkpoint: SAM for --masker sam, LP-SAM (train-prompter) for --masker lpsam."),
+    sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="Base SAM checkpoint the LP-SAM checkpoint was trained on (--masker lpsam; sha256 checked)."),
     masker_option: Optional[list[str]] = typer.Option(None, "--masker-option", help="Masker option key=value (repeatable)."),
     stored_size: Optional[int] = typer.Option(None, help="Short side of stored images in pixels (default 256)."),
     every_nth_frame: Optional[int] = typer.Option(None, help="Keep every n-th video frame (default 1)."),
@@ -180,6 +181,7 @@ def precompute_masks_command(
         "masker": masker,
         "labels": str(labels) if labels is not None else None,
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint is not None else None,
         "stored_size": stored_size,
         "every_nth_frame": every_nth_frame,
         "scales": _parse_scales(scales),
@@ -535,9 +537,10 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
 
 
 def demo_pretrain_config(shards_dir: Path, *, steps: int, seed: int = 0, batch_size: int = 8):
-    """The demo's CPU-sized pre-training: 64 px views, K = 8, slimmer heads and blur than the
-    paper's (which are for 224 px on GPUs), a short-schedule peak lr of 0.5; everything else is
-    the default AnaUS objective (multi-scale L_ana + L_ctx)."""
+    """The demo's CPU-sized pre-training: 64 px views, K = 8, a 64-channel FPN, slimmer heads and
+    blur than the paper's (which are for 224 px on GPUs), a short-schedule peak lr of 0.5 (the
+    setting of the phantom learning-signal experiment, docs/benchmarks/pretrain.md); everything
+    else is the default AnaUS objective (multi-scale L_ana + L_ctx)."""
     from anaus_core.config import load_config
     from anaus_core.train import PretrainConfig
 
@@ -545,7 +548,7 @@ def demo_pretrain_config(shards_dir: Path, *, steps: int, seed: int = 0, batch_s
         "data.shards": str(shards_dir), "data.batch_size": batch_size, "data.num_workers": 0,
         "views.size": 64, "views.num_mask_samples": 8,
         "augment.view1.blur_kernel": 9, "augment.view2.blur_kernel": 9,
-        "model.projector_hidden_dim": 512, "model.predictor_hidden_dim": 1024,
+        "model.fpn_channels": 64, "model.projector_hidden_dim": 512, "model.predictor_hidden_dim": 1024,
         "optim.base_lr": 16.0, "optim.warmup_steps": max(1, steps // 20),
         "run.steps": steps, "run.device": "cpu", "run.seed": seed, "run.log_every": max(1, min(10, steps // 20)),
         "run.checkpoint_every": max(50, steps // 4), "run.keep_step_checkpoints": False, "run.tensorboard": False,

@@ -14,7 +14,7 @@ class PrecomputeConfig:
 
     Which settings feed which stage fingerprint (so what a change re-runs) is listed in
     docs/precompute.md: ``stored_size``/``every_nth_frame`` -> ingest and everything after;
-    masker, its options and checkpoint, ``min_area``/``max_masks``/``add_residual`` -> mask
+    masker, its options and checkpoint(s) (sha256 of ``checkpoint`` and ``sam_checkpoint``), ``min_area``/``max_masks``/``add_residual`` -> mask
     onwards; ``scales`` -> pyramid onwards; ``samples_per_shard`` -> pack only. Execution
     settings (workers, scheduler, batch size, device, progress) change no output.
     """
@@ -24,7 +24,8 @@ class PrecomputeConfig:
     # -- mask source -----------------------------------------------------------------------
     masker: str = "felzenszwalb"
     labels: Optional[str] = None  # label folder for --masker labels (default: beside the images)
-    checkpoint: Optional[str] = None  # SAM / LP-SAM checkpoint for --masker sam|lpsam
+    checkpoint: Optional[str] = None  # the masker's own checkpoint: SAM for sam, LP-SAM for lpsam
+    sam_checkpoint: Optional[str] = None  # base SAM of an LP-SAM checkpoint (for sam: same as checkpoint)
     masker_options: dict[str, Any] = field(default_factory=dict)
     # -- ingest ----------------------------------------------------------------------------
     stored_size: int = 256

@@ -96,11 +96,14 @@ def pyramid_stage_digest(scales: Iterable[int]) -> str:
     return stage_digest("pyramid", {"scales": [int(s) for s in scales]})
 
 
-def mask_fingerprint(*, ingest_fp: str, frame: int | None, mask_digest: str, sample_inputs: Mapping[str, Any]) -> str:
+def mask_fingerprint(*, ingest_fp: str, frame: int | None, mask_digest: str, sample_inputs: Mapping[str, Any] | str) -> str:
     """``mask_digest``: :func:`mask_stage_digest` (masker fingerprint incl. checkpoint sha256,
     finalize options, MASK_CODE_VERSION); ``sample_inputs``: per-sample files the masker reads
-    (e.g. the label's sha256)."""
-    inputs = canonical_json(dict(sample_inputs)) if sample_inputs else "{}"
+    (e.g. the label's sha256), or their :func:`canonical_json` (what the plan memo keeps)."""
+    if isinstance(sample_inputs, str):
+        inputs = sample_inputs
+    else:
+        inputs = canonical_json(dict(sample_inputs)) if sample_inputs else "{}"
     return _sha(f"mask\0{ingest_fp}\0{'' if frame is None else int(frame)}\0{mask_digest}\0{inputs}")
 
 
@@ -130,7 +133,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@dataclass(slots=True)  # one per source file: slots keep a 1M-file cache small
 class _StatEntry:
     size: int
     mtime_ns: int

@@ -24,9 +24,12 @@ import hashlib
 import json
 import os
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from anaus_core.errors import UserInputError
 from pipeline.cache import CacheEntryError, StageCache, clean_stale_temps
@@ -63,6 +66,7 @@ from pipeline.stages import (
     shard_info_from_dict,
     write_shard_task,
 )
+from pipeline.sample_table import SampleTable, SourceTable, StringColumn
 
 CACHE_DIR = "cache"
 ERRORS_NAME = "errors.jsonl"
@@ -76,8 +80,28 @@ MEMO_NAME = "plan-memo.json"
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+def _key_hash(key: str | bytes) -> int:
+    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
+
+
+def shard_ranges(sorted_keys: Iterable[str | bytes], samples_per_shard: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) positions of each shard over key-sorted samples; see :func:`assign_shards`.
+    Keys may be ``str`` or their ASCII ``bytes`` (the driver's key column)."""
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    min_size = max(1, samples_per_shard // 2)
+    modulus = max(1, samples_per_shard - min_size)
+    max_size = 2 * samples_per_shard
+    start = 0
+    position = -1
+    for position, key in enumerate(sorted_keys):
+        size = position + 1 - start
+        if samples_per_shard == 1 or size >= max_size or (size >= min_size and _key_hash(key) % modulus == 0):
+            yield start, position + 1
+            start = position + 1
+    if start <= position:
+        yield start, position + 1
 
 
 def assign_shards(sorted_keys: Sequence[str], samples_per_shard: int) -> list[list[int]]:
@@ -90,23 +114,7 @@ def assign_shards(sorted_keys: Sequence[str], samples_per_shard: int) -> list[li
     shards that hold them (plus, rarely, a neighbour until the cuts re-align at the next
     hash-chosen boundary); every other shard keeps its exact membership and so its name.
     """
-    if samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be >= 1")
-    if samples_per_shard == 1:
-        return [[i] for i in range(len(sorted_keys))]
-    min_size = max(1, samples_per_shard // 2)
-    modulus = max(1, samples_per_shard - min_size)
-    max_size = 2 * samples_per_shard
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for position, key in enumerate(sorted_keys):
-        current.append(position)
-        if len(current) >= max_size or (len(current) >= min_size and _key_hash(key) % modulus == 0):
-            groups.append(current)
-            current = []
-    if current:
-        groups.append(current)
-    return groups
+    return [list(range(start, stop)) for start, stop in shard_ranges(sorted_keys, samples_per_shard)]
 
 
 def shard_name(shard_fp: str) -> str:
@@ -120,9 +128,10 @@ def shard_name(shard_fp: str) -> str:
 
 @dataclass
 class SourcePlan:
-    task: SourceTask
+    """What planning found for one source (its ready samples go straight into the SampleTable)."""
+
     status: str  # "ready": every entry cached; "failed": cached failure; "run": needs the executor
-    samples: list[SampleRef]
+    ready: int = 0  # samples appended to the table
     frames_known: int = 0
     masks_missing: int = 0
     pyramids_missing: int = 0
@@ -135,9 +144,37 @@ def _masker_options(config: PrecomputeConfig) -> dict[str, Any]:
         options["labels_dir"] = str(Path(config.labels).resolve())
     if config.checkpoint is not None:
         options["checkpoint"] = str(Path(config.checkpoint).resolve())
+    if config.sam_checkpoint is not None:
+        sam_checkpoint = str(Path(config.sam_checkpoint).resolve())
+        masker = str(config.masker).strip().lower()
+        if masker == "lpsam":
+            options["sam_checkpoint"] = sam_checkpoint
+        elif masker == "sam":
+            # For vanilla SAM the base SAM is the masker's own checkpoint: accept either option.
+            if options.get("checkpoint", sam_checkpoint) != sam_checkpoint:
+                raise UserInputError(f"--masker sam: --checkpoint {config.checkpoint} and --sam-checkpoint {config.sam_checkpoint} name different files (give one)")
+            options["checkpoint"] = sam_checkpoint
+        else:
+            raise UserInputError(f"--sam-checkpoint is only used by --masker lpsam (and sam), not --masker {config.masker}")
     options.setdefault("device", config.device)
     options.setdefault("batch_size", config.batch_size)
     return options
+
+
+def build_job_masker(config: PrecomputeConfig):
+    """(masker, its build options) for ``config``. Building is cheap for every masker: model
+    maskers (sam, lpsam) hash their checkpoint files and read shapes/metadata but load their
+    weights only on the first call, so the driver can fingerprint without loading a model."""
+    from anaus_core.maskers import build_masker
+
+    options = _masker_options(config)
+    return build_masker(config.masker, **options), options
+
+
+def masker_fingerprint_of(config: PrecomputeConfig) -> dict:
+    """The masker fingerprint that ``config`` feeds into every mask fingerprint (for sam and
+    lpsam it holds the sha256 of ``checkpoint`` and, for lpsam, of ``sam_checkpoint``)."""
+    return build_job_masker(config)[0].fingerprint()
 
 
 def _check_config(config: PrecomputeConfig) -> None:
@@ -174,15 +211,19 @@ def _index_fingerprints(settings: StageSettings, masker_fp: dict, config: Precom
 class PlanMemo:
     """Derived, rebuildable facts that make a no-op run cheap, in ``DIR/cache/plan-memo.json``:
 
-    * ingest fingerprint -> its frames (immutable: the entry is content-addressed), so the
-      planner does not open every ingest entry;
-    * (source path, frame) -> the masker's per-sample inputs (e.g. the label file's name and
-      sha256) with the stat of the file they came from; trusted only while that file's
-      (size, mtime_ns, inode) are unchanged and its mtime is older than the memo (as in
-      ``StatCache``), otherwise ``masker.sample_fingerprint`` is asked again.
+    * ingest fingerprint -> its frames as ``[frame, height, width]`` (original size; immutable:
+      the entry is content-addressed), so the planner does not open every ingest entry;
+    * (source path, frame) -> the canonical JSON of the masker's per-sample inputs (e.g. the
+      label file's name and sha256) with the stat of the file they came from; trusted only
+      while that file's (size, mtime_ns, inode) are unchanged and its mtime is older than the
+      memo (as in ``StatCache``), otherwise ``masker.sample_fingerprint`` is asked again.
 
-    Losing or corrupting the file only costs time; it is written atomically at the end of a run.
+    Entries are compact lists and strings (the memo is the largest per-sample structure the
+    driver keeps); what was loaded is dropped by :meth:`release_loaded` once planning is done.
+    Losing or corrupting the file only costs time; it is written atomically by :meth:`save`.
     """
+
+    VERSION = 2
 
     def __init__(self, path: Path | None, *, racy_window_ns: int = 2_000_000_000) -> None:
         self.path = path
@@ -194,24 +235,28 @@ class PlanMemo:
         if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text())
-                self.frames, self.inputs = dict(data["frames"]), dict(data["inputs"])
-            except (ValueError, KeyError, TypeError, OSError):
+                if data.get("version") == self.VERSION:
+                    self.frames, self.inputs = dict(data["frames"]), dict(data["inputs"])
+            except (ValueError, KeyError, TypeError, OSError, AttributeError):
                 pass
 
     def ingest_frames(self, cache: StageCache, ingest_fp: str) -> list | None:
+        """``[[frame, height, width], ...]`` of an ingest entry, or None when it is unreadable."""
         frames = self.frames.get(ingest_fp)
         if frames is None:
             try:
-                frames = cache.get_meta("ingest", ingest_fp)["frames"]
-            except (CacheEntryError, OSError, ValueError, KeyError):
+                frames = [[f["frame"], *f["original_size"]] for f in cache.get_meta("ingest", ingest_fp)["frames"]]
+            except (CacheEntryError, OSError, ValueError, KeyError, TypeError):
                 return None
         self.used_frames[ingest_fp] = frames
         return frames
 
-    def sample_inputs(self, masker, meta) -> dict:
+    def sample_inputs(self, masker, meta) -> str:
+        """Canonical JSON of the masker's per-sample inputs (``"{}"`` for most maskers)."""
         locate = getattr(masker, "label_path", None)
         if locate is None:
-            return sample_inputs(masker, meta)
+            inputs = sample_inputs(masker, meta)
+            return canonical_json(inputs) if inputs else "{}"
         memo_key = f"{meta.extra['source_path']}\0{meta.frame}"
         entry = self.inputs.get(memo_key)
         if entry is not None:
@@ -224,46 +269,55 @@ class PlanMemo:
                 self.used_inputs[memo_key] = entry
                 return inputs
         made_ns = time.time_ns()
-        inputs = sample_inputs(masker, meta)  # raises SampleError (no label), not memoised
+        raw = sample_inputs(masker, meta)  # raises SampleError (no label), not memoised
+        inputs = canonical_json(raw) if raw else "{}"
         path = os.fspath(locate(meta))
         stat = os.stat(path)
         self.used_inputs[memo_key] = [path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs]
         return inputs
 
+    def release_loaded(self) -> None:
+        """Forget what was read from disk (planning is done; what is still needed was copied to
+        the ``used_*`` tables)."""
+        self.frames, self.inputs = {}, {}
+
     def save(self) -> None:
-        if self.path is None:
-            return
-        from pipeline.cache import atomic_write_bytes
+        """Write the memo atomically and release it (called once, after the stage chain ran)."""
+        if self.path is not None:
+            from pipeline.cache import atomic_write_bytes
 
-        data = {"version": 1, "frames": self.used_frames, "inputs": self.used_inputs}
-        atomic_write_bytes(self.path, json.dumps(data, separators=(",", ":")).encode(), fsync=False)
+            data = {"version": self.VERSION, "frames": self.used_frames, "inputs": self.used_inputs}
+            atomic_write_bytes(self.path, json.dumps(data, separators=(",", ":")).encode(), fsync=False)
+        self.release_loaded()
+        self.used_frames, self.used_inputs = {}, {}
 
-    def remember_computed(self, cache: StageCache, masker, samples: Sequence[SampleRef], source_paths: dict[str, str]) -> None:
+    def remember_computed(self, cache: StageCache, masker, samples: Sequence[SampleRef]) -> None:
         """Fill the memo for samples the workers just produced, so the next run is cheap."""
         for ref in samples:
             if ref.ingest_fp not in self.used_frames:
                 self.ingest_frames(cache, ref.ingest_fp)
-            meta = image_meta(ref.key, ref.relpath, ref.frame, ref.original_size, source_paths.get(ref.relpath, ref.relpath))
+            meta = image_meta(ref.key, ref.relpath, ref.frame, ref.original_size, ref.source_path or ref.relpath)
             try:
                 self.sample_inputs(masker, meta)
             except Exception:
                 pass
 
 
-def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings, memo: PlanMemo) -> SourcePlan:
+def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings, memo: PlanMemo, table: SampleTable) -> SourcePlan:
+    """Plan one source; when all its entries exist, its samples are appended to ``table``."""
     if not cache.has("ingest", task.ingest_fp):
         failure = cache.get_failure("ingest", task.ingest_fp)
         if failure is not None:
-            return SourcePlan(task, "failed", [], error=ErrorRecord(task.relpath, "ingest", failure["reason"]))
-        return SourcePlan(task, "run", [])
+            return SourcePlan("failed", error=ErrorRecord(task.relpath, "ingest", failure["reason"]))
+        return SourcePlan("run")
     frames = memo.ingest_frames(cache, task.ingest_fp)
     if frames is None:
-        return SourcePlan(task, "run", [])
-    plan = SourcePlan(task, "ready", [], frames_known=len(frames))
-    for index, frame_meta in enumerate(frames):
-        frame = frame_meta["frame"]
+        return SourcePlan("run")
+    plan = SourcePlan("ready", frames_known=len(frames))
+    ready: list[SampleRef] = []
+    for index, (frame, height, width) in enumerate(frames):
         key = make_key(task.relpath, frame)
-        imeta = image_meta(key, task.relpath, frame, frame_meta["original_size"], task.path)
+        imeta = image_meta(key, task.relpath, frame, (height, width), task.path)
         try:
             inputs = memo.sample_inputs(masker, imeta)
         except Exception:  # the worker records the reason
@@ -282,20 +336,17 @@ def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSet
         if not (has_mask and has_pyramid):
             plan.status = "run"
             continue
-        plan.samples.append(
-            SampleRef(
-                key=key, relpath=task.relpath, frame=frame, index_in_source=index, source_sha256=task.source_sha256,
-                ingest_fp=task.ingest_fp, mask_fp=mask_fp, pyramid_fp=pyramid_fp, original_size=tuple(frame_meta["original_size"]),
+        if plan.status == "ready":
+            ready.append(
+                SampleRef(
+                    key=key, relpath=task.relpath, frame=frame, index_in_source=index, source_sha256=task.source_sha256,
+                    ingest_fp=task.ingest_fp, mask_fp=mask_fp, pyramid_fp=pyramid_fp, original_size=(height, width), source_path=task.path,
+                )
             )
-        )
-    if plan.status == "run":
-        plan.samples = []
+    if plan.status == "ready":
+        table.extend(ready)
+        plan.ready = len(ready)
     return plan
-
-
-def _batches(items: Sequence, size: int) -> Iterable[list]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +382,6 @@ def run_precompute(config: PrecomputeConfig, *, client=None, console=None, show_
 
 
 def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: float) -> PrecomputeReport:
-    from anaus_core.maskers import build_masker
     from pipeline.ingest import discover_sources
     from pipeline.ingest import ingest_fingerprint as ingest_options_of
 
@@ -344,8 +394,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     sources = discover_sources(config.corpus)
     report.sources = len(sources)
 
-    masker_options = _masker_options(config)
-    masker = build_masker(config.masker, **masker_options)
+    masker, masker_options = build_job_masker(config)
     masker_fp = masker.fingerprint()
     spec = MaskerSpec(name=config.masker, options_json=canonical_json(masker_options), fingerprint_json=canonical_json(masker_fp))
     ingest_options = ingest_options_of(stored_size=config.stored_size, every_nth_frame=config.every_nth_frame)
@@ -365,15 +414,22 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     )
 
     # -- 1. plan ------------------------------------------------------------------------------
+    # Per-source and per-sample facts go into compact columns (pipeline/sample_table.py), not
+    # into one Python object per sample: the driver's memory is ~150 bytes per sample plus the
+    # shard index, whatever the corpus size.
     plan_start = time.perf_counter()
     stat_cache = StatCache(cache_root / STAT_CACHE_NAME if not config.dry_run else None)
     if config.dry_run and (cache_root / STAT_CACHE_NAME).exists():
         stat_cache = StatCache(cache_root / STAT_CACHE_NAME)  # read it, never save it
     memo = PlanMemo(cache_root / MEMO_NAME)
     errors: list[ErrorRecord] = []
-    plans: list[SourcePlan] = []
+    source_table = SourceTable()
+    table = SampleTable()
+    to_run = array("q")  # rows of source_table that need the executor
+    counts = {"frames_known": 0, "masks_missing": 0, "pyramids_missing": 0, "not_ingested": 0}
+    unknown_keys = StringColumn()  # dry run: keys of sources whose samples are not all cached
     hash_start = time.perf_counter()
-    for source in sources:
+    for source in _drain(sources):
         path = os.path.abspath(source.path)
         try:
             digest = stat_cache.sha256(path)
@@ -386,42 +442,47 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
             report.stages["ingest"].failed += 1
             continue
         task = SourceTask(path=path, relpath=source.relpath, source_sha256=digest, ingest_fp=ingest_fingerprint(source_sha256=digest, options=settings.ingest_digest))
-        plans.append(_plan_source(task, cache, masker, settings, memo))
+        row = source_table.append(task)
+        plan = _plan_source(task, cache, masker, settings, memo, table)
+        if plan.status == "failed":
+            errors.append(plan.error)
+            report.stages["ingest"].failed += 1
+        elif plan.status == "run":
+            to_run.append(row)
+            if config.dry_run:
+                unknown_keys.append(make_key(task.relpath))
+                if plan.frames_known == 0:
+                    counts["not_ingested"] += 1
+        if plan.status != "failed":
+            counts["frames_known"] += plan.frames_known
+            counts["masks_missing"] += plan.masks_missing
+            counts["pyramids_missing"] += plan.pyramids_missing
+    del sources
+    memo.release_loaded()
     report.source_hash_seconds = time.perf_counter() - hash_start
     report.sources_hashed = stat_cache.hashed
     report.plan_seconds = time.perf_counter() - plan_start
 
     if config.dry_run:
-        _dry_run_plan(report, plans, errors, config, cache, out_dir)
+        _dry_run_plan(report, counts, table, unknown_keys, errors, config, cache, out_dir)
         report.errors = [e.to_dict() for e in errors]
         report.wall_seconds = time.perf_counter() - started
         return report
 
     # -- 2. run the stage chain where something is missing ----------------------------------
-    samples: list[SampleRef] = []
-    to_run: list[SourceTask] = []
-    for plan in plans:
-        if plan.status == "ready":
-            samples.extend(plan.samples)
-            for stage in ("ingest", "mask", "pyramid"):
-                report.stages[stage].reused += len(plan.samples)
-        elif plan.status == "failed":
-            errors.append(plan.error)
-            report.stages["ingest"].failed += 1
-        else:
-            to_run.append(plan.task)
+    known = len(table)
+    for stage in ("ingest", "mask", "pyramid"):
+        report.stages[stage].reused += known
 
     executor = None
+    rows = names = None
     with StageProgress(config.progress) as progress:
-        progress.add("ingest", len(sources), "files")
-        progress.add("mask", None)
-        progress.add("pyramid", None)
-        progress.advance("ingest", len(sources) - len(to_run))
-        known = len(samples)
-        progress.set_total("mask", known + sum(1 for _ in to_run))
-        progress.set_total("pyramid", known + len(to_run))
-        progress.advance("mask", known)
-        progress.advance("pyramid", known)
+        progress.add("ingest", report.sources, "files")
+        progress.add("mask", known + len(to_run))
+        progress.add("pyramid", known + len(to_run))
+        progress.advance("ingest", report.sources - len(to_run), reused=True)
+        progress.advance("mask", known, reused=True)
+        progress.advance("pyramid", known, reused=True)
         if to_run:
             executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
             report.workers = executor.workers
@@ -430,11 +491,16 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
                 remember_masker(spec, masker)
             expected_samples = known + len(to_run)
             processes: set[str] = set()
-            for result in executor.imap_unordered(run_source_batch, ((batch, settings) for batch in _batches(to_run, config.batch_size))):
+            batches = (
+                ([source_table.task(row) for row in to_run[start : start + config.batch_size]], settings)
+                for start in range(0, len(to_run), config.batch_size)
+            )
+            for result in executor.imap_unordered(run_source_batch, batches):
                 _merge(report, result)
                 processes.add(result.process)
                 report.task_processes = len(processes)
-                samples.extend(result.samples)
+                table.extend(result.samples)
+                memo.remember_computed(cache, masker, result.samples)
                 errors.extend(result.errors)
                 produced = len(result.samples) + sum(1 for e in result.errors if e.stage != "ingest")
                 expected_samples += produced - result.sources_done
@@ -443,31 +509,30 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
                 progress.advance("ingest", result.sources_done)
                 progress.advance("mask", produced)
                 progress.advance("pyramid", len(result.samples))
-        if to_run:
-            ran = {t.ingest_fp for t in to_run}
-            memo.remember_computed(cache, masker, [r for r in samples if r.ingest_fp in ran], {t.relpath: t.path for t in to_run})
+        del to_run
+        memo.save()  # and release it: nothing below needs it
         # -- 3. pack ------------------------------------------------------------------------
-        samples = _drop_duplicate_keys(samples, errors)
-        samples.sort(key=lambda ref: ref.key)
-        report.samples = len(samples)
+        rows, keys = _unique_key_order(table, errors)
+        report.samples = len(rows)
         report.errors = [e.to_dict() for e in sorted(errors, key=lambda e: (e.path, e.stage, e.key or ""))]
+        del errors
         shard_fps = None
-        if config.strict and errors:
+        if config.strict and report.errors:
             report.exit_code = EXIT_STRICT_FAILURE
         else:
             try:
-                shard_fps = _pack_and_index(report, samples, settings, config, cache, out_dir, masker_fp, executor, client, progress)
+                shard_fps = _pack_and_index(report, table, rows, keys, settings, config, cache, out_dir, masker_fp, executor, client, progress)
             finally:
                 if executor is not None:
                     executor.close()
                     executor = None
+        del keys
     if executor is not None:
         executor.close()
 
-    stat_cache.save(keep=[p.task.path for p in plans])
-    memo.save()
+    stat_cache.save(keep=source_table.path)
     if config.gc:
-        removed, _freed = cache.garbage_collect(_referenced(plans, samples, shard_fps))
+        removed, _freed = cache.garbage_collect(_referenced(source_table, table, rows, shard_fps))
         report.cache_removed = removed
     write_errors(out_dir / ERRORS_NAME, report.errors)
     if report.exit_code == EXIT_OK and report.errors:
@@ -475,6 +540,13 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     report.wall_seconds = time.perf_counter() - started
     report.save(out_dir / REPORT_NAME)
     return report
+
+
+def _drain(items: list) -> Iterator:
+    """Yield and drop the items of ``items`` front to back (its memory goes as planning goes)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _merge(report: PrecomputeReport, result: TaskResult) -> None:
@@ -488,26 +560,39 @@ def _merge(report: PrecomputeReport, result: TaskResult) -> None:
     report.bytes_written += result.cache_bytes_written
 
 
-def _drop_duplicate_keys(samples: list[SampleRef], errors: list[ErrorRecord]) -> list[SampleRef]:
-    """Two sources mapping to one key (should not happen with ``make_key``): keep the first by
-    path, skip the other with a reason, so the index never holds a key twice."""
-    by_key: dict[str, SampleRef] = {}
-    for ref in sorted(samples, key=lambda r: (r.key, r.relpath)):
-        if ref.key in by_key:
-            errors.append(ErrorRecord(ref.relpath, "pack", f"sample key {ref.key!r} already used by {by_key[ref.key].relpath}", ref.key))
-            continue
-        by_key[ref.key] = ref
-    return list(by_key.values())
+def _unique_key_order(table: SampleTable, errors: list[ErrorRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """(table rows in key order, their keys as an ``S`` array), one row per key.
+
+    Two sources mapping to one key (should not happen with ``make_key``): keep the first by
+    path, skip the others with a reason, so the index never holds a key twice."""
+    order, keys = table.key_order()
+    if len(keys) < 2:
+        return order, keys
+    repeated = np.flatnonzero(keys[1:] == keys[:-1])
+    if not len(repeated):
+        return order, keys
+    keep = np.ones(len(order), bool)
+    for key in np.unique(keys[repeated + 1]):
+        positions = np.flatnonzero(keys == key)
+        ranked = sorted(positions, key=lambda position: table.relpath[int(order[position])])
+        first = table.relpath[int(order[ranked[0]])]
+        for position in ranked[1:]:
+            row = int(order[position])
+            errors.append(ErrorRecord(table.relpath[row], "pack", f"sample key {table.key[row]!r} already used by {first}", table.key[row]))
+            keep[position] = False
+        keep[ranked[0]] = True
+    return order[keep], keys[keep]
 
 
-def _shard_plan(samples: Sequence[SampleRef], settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, tuple[SampleRef, ...]]]:
-    """(shard fingerprint, shard file name, members) in key order."""
+def _shard_plan(table: SampleTable, rows: np.ndarray, keys: np.ndarray, settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, int, int]]:
+    """(shard fingerprint, shard file name, start, stop) in key order; members are
+    ``rows[start:stop]``."""
     pack_options = {"scales": list(settings.scales)}
     planned = []
-    for group in assign_shards([s.key for s in samples], config.samples_per_shard):
-        members = tuple(samples[i] for i in group)
-        shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in members), pack_options)
-        planned.append((shard_fp, shard_name(shard_fp), members))
+    for start, stop in shard_ranges(keys, config.samples_per_shard):
+        members = ((table.key[r], table.pyramid_fp[r], table.ingest_fp[r]) for r in rows[start:stop].tolist())
+        shard_fp = shard_fingerprint(members, pack_options)
+        planned.append((shard_fp, shard_name(shard_fp), start, stop))
     return planned
 
 
@@ -524,28 +609,33 @@ def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: 
     return info
 
 
-def _pack_and_index(report, samples, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> None:
+def _pack_and_index(report, table: SampleTable, rows, keys, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> set[str]:
     from shards.index import INDEX_NAME, read_manifest, write_index
 
     pack_start = time.perf_counter()
-    planned = _shard_plan(samples, settings, config)
+    planned = _shard_plan(table, rows, keys, settings, config)
     infos: dict[str, Any] = {}
-    to_write: list[ShardTask] = []
-    for shard_fp, name, members in planned:
+    to_write: list[tuple[str, str, int, int]] = []
+    for shard_fp, name, start, stop in planned:
         info = _existing_shard_info(cache, out_dir, shard_fp, name)
         if info is not None:
             infos[name] = info
             report.shards_reused += 1
         else:
-            to_write.append(ShardTask(str(out_dir), name, shard_fp, members, settings.cache_root, settings.scales))
+            to_write.append((shard_fp, name, start, stop))
     progress.add("pack", len(planned), "shards")
-    progress.advance("pack", report.shards_reused)
+    progress.advance("pack", report.shards_reused, reused=True)
     if to_write:
+        # Members become SampleRef objects one shard at a time, as the executor asks for work.
+        tasks = (
+            (ShardTask(str(out_dir), name, shard_fp, tuple(table.ref(r) for r in rows[start:stop].tolist()), settings.cache_root, settings.scales),)
+            for shard_fp, name, start, stop in to_write
+        )
         own_executor = executor is None
         if own_executor:
             executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
         try:
-            for result in executor.imap_unordered(write_shard_task, ((task,) for task in to_write)):
+            for result in executor.imap_unordered(write_shard_task, tasks):
                 infos[result.info.name] = result.info
                 report.shards_written += 1
                 report.bytes_written += result.info.size
@@ -553,7 +643,8 @@ def _pack_and_index(report, samples, settings, config, cache, out_dir: Path, mas
         finally:
             if own_executor:
                 executor.close()
-    ordered = [infos[name] for _, name, _ in planned]
+    ordered = [infos[name] for _, name, _, _ in planned]
+    del infos
     report.shard_bytes_total = sum(info.size for info in ordered)
     names = [info.name for info in ordered]
     index_fps = _index_fingerprints(settings, masker_fp, config)
@@ -583,7 +674,7 @@ def _pack_and_index(report, samples, settings, config, cache, out_dir: Path, mas
             path.unlink()
             report.shards_removed += 1
     report.pack_seconds = time.perf_counter() - pack_start
-    return {shard_fp for shard_fp, _, _ in planned}
+    return {shard_fp for shard_fp, _, _, _ in planned}
 
 
 def _index_matches_manifest(out_dir: Path, manifest: dict) -> bool:
@@ -598,64 +689,50 @@ def _index_matches_manifest(out_dir: Path, manifest: dict) -> bool:
     return attrs.get("index_id") == manifest.get("index_id")
 
 
-def _referenced(plans: Sequence[SourcePlan], samples: Sequence[SampleRef], shard_fps: set[str] | None) -> dict[str, set[str]]:
-    referenced = {"ingest": {p.task.ingest_fp for p in plans}, "mask": {s.mask_fp for s in samples}, "pyramid": {s.pyramid_fp for s in samples}}
+def _referenced(sources: SourceTable, table: SampleTable, rows, shard_fps: set[str] | None) -> dict[str, set[str]]:
+    rows = [] if rows is None else rows.tolist()
+    referenced = {"ingest": sources.ingest_fp.hex_set(), "mask": table.mask_fp.hex_set(rows), "pyramid": table.pyramid_fp.hex_set(rows)}
     if shard_fps is not None:
         referenced["pack"] = shard_fps
     return referenced
 
 
-def _dry_run_plan(report: PrecomputeReport, plans: Sequence[SourcePlan], errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path) -> None:
-    from pipeline.ingest import make_key
-
-    stages = {s: {"compute": 0, "reuse": 0, "failed": 0} for s in ("ingest", "mask", "pyramid")}
-    stages["ingest"]["failed"] = sum(1 for e in errors if e.stage == "ingest")
-    not_ingested = 0
-    for plan in plans:
-        if plan.status == "failed":
-            stages["ingest"]["failed"] += 1
-            errors.append(plan.error)
-        elif plan.frames_known == 0 and plan.status == "run":
-            not_ingested += 1
-            stages["ingest"]["compute"] += 1
-        else:
-            stages["ingest"]["reuse"] += plan.frames_known
-            stages["mask"]["compute"] += plan.masks_missing
-            stages["mask"]["reuse"] += plan.frames_known - plan.masks_missing
-            stages["pyramid"]["compute"] += plan.pyramids_missing
-            stages["pyramid"]["reuse"] += plan.frames_known - plan.pyramids_missing
-    # Sources not ingested yet: one sample each for single images (their frames are unknown
-    # until decoded; videos and multi-frame files may hold more).
-    stages["mask"]["compute"] += not_ingested
-    stages["pyramid"]["compute"] += not_ingested
+def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], table: SampleTable, unknown_keys: StringColumn, errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path) -> None:
+    frames_known, not_ingested = counts["frames_known"], counts["not_ingested"]
+    stages = {
+        "ingest": {"compute": not_ingested, "reuse": frames_known, "failed": sum(1 for e in errors if e.stage == "ingest")},
+        # Sources not ingested yet: one sample each for single images (their frames are unknown
+        # until decoded; videos and multi-frame files may hold more).
+        "mask": {"compute": counts["masks_missing"] + not_ingested, "reuse": frames_known - counts["masks_missing"], "failed": 0},
+        "pyramid": {"compute": counts["pyramids_missing"] + not_ingested, "reuse": frames_known - counts["pyramids_missing"], "failed": 0},
+    }
     existing = {p.name for p in out_dir.glob("*.tar")} if out_dir.is_dir() else set()
-    known_keys = {s.key for p in plans for s in p.samples}
-    unknown_keys = {make_key(p.task.relpath) for p in plans if p.status == "run"}
-    all_keys = sorted(known_keys | unknown_keys)
-    groups = assign_shards(all_keys, config.samples_per_shard)
-    ready = {s.key: s for p in plans for s in p.samples}
+    ready = {table.key[row]: row for row in range(len(table))}
+    all_keys = sorted(set(ready) | set(unknown_keys))
     to_write = 0
+    groups = 0
     current = set()
-    for group in groups:
-        members = [ready.get(all_keys[i]) for i in group]
+    for start, stop in shard_ranges(all_keys, config.samples_per_shard):
+        groups += 1
+        members = [ready.get(key) for key in all_keys[start:stop]]
         if any(m is None for m in members):
             to_write += 1
             continue
-        shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in members), {"scales": [int(s) for s in config.scales]})
+        shard_fp = shard_fingerprint(((table.key[m], table.pyramid_fp[m], table.ingest_fp[m]) for m in members), {"scales": [int(s) for s in config.scales]})
         name = shard_name(shard_fp)
         current.add(name)
         if name in existing and cache.has("pack", shard_fp):
             continue
         to_write += 1
     stages_out = dict(stages)
-    stages_out["pack (shards)"] = {"compute": to_write, "reuse": len(groups) - to_write, "failed": 0}
+    stages_out["pack (shards)"] = {"compute": to_write, "reuse": groups - to_write, "failed": 0}
     remove = len(existing - current) if to_write == 0 else "some"
     summary = (
         f"would compute ingest {stages['ingest']['compute']} file(s), mask {stages['mask']['compute']}, "
-        f"pyramid {stages['pyramid']['compute']} sample(s), write {to_write} of {len(groups)} shard(s)"
+        f"pyramid {stages['pyramid']['compute']} sample(s), write {to_write} of {groups} shard(s)"
         + (f" (+ frames of {not_ingested} file(s) not ingested yet)" if not_ingested else "")
     )
     if to_write == 0 and stages["mask"]["compute"] == 0 and stages["pyramid"]["compute"] == 0 and stages["ingest"]["compute"] == 0:
         summary = "nothing to recompute" + (f"; {remove} stale shard(s) would be removed" if remove else "")
     report.samples = len(all_keys)
-    report.dry_run_plan = {"stages": stages_out, "summary": summary, "not_ingested": not_ingested, "shards_to_write": to_write, "shards": len(groups)}
+    report.dry_run_plan = {"stages": stages_out, "summary": summary, "not_ingested": not_ingested, "shards_to_write": to_write, "shards": groups}

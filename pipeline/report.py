@@ -105,25 +105,33 @@ def render_report(report: PrecomputeReport, console=None) -> None:
     table.add_column("reused", justify="right")
     table.add_column("failed", justify="right")
     table.add_column("time (s)", justify="right")
+    table.add_column("computed/s", justify="right")
     if report.dry_run:
         for stage, row in report.dry_run_plan.get("stages", {}).items():
-            table.add_row(stage, str(row["compute"]), str(row["reuse"]), str(row.get("failed", 0)), "")
+            table.add_row(stage, str(row["compute"]), str(row["reuse"]), str(row.get("failed", 0)), "", "")
     else:
         for stage, summary in report.stages.items():
-            table.add_row(stage, str(summary.computed), str(summary.reused), str(summary.failed), f"{summary.seconds:.2f}")
-        table.add_row("pack (shards)", str(report.shards_written), str(report.shards_reused), "", f"{report.pack_seconds:.2f}")
+            table.add_row(stage, str(summary.computed), str(summary.reused), str(summary.failed), f"{summary.seconds:.2f}", _rate(summary.computed, summary.seconds))
+        table.add_row("pack (shards)", str(report.shards_written), str(report.shards_reused), "", f"{report.pack_seconds:.2f}", _rate(report.shards_written, report.pack_seconds))
     console.print(table)
     if not report.dry_run:
+        # Stage times are summed over workers; samples/s is over the run's wall time.
+        throughput = f"{report.samples / report.wall_seconds:.1f} samples/s" if report.wall_seconds > 0 and report.samples else "-"
         console.print(
-            f"shards removed {report.shards_removed}; bytes written {_human(report.bytes_written)}; "
-            f"shards total {_human(report.shard_bytes_total)}; masker time {report.masker_seconds:.2f} s; "
-            f"executor {report.executor} ({report.workers} worker(s)); wall {report.wall_seconds:.2f} s"
+            f"wall {report.wall_seconds:.2f} s ({throughput}; planning {report.plan_seconds:.2f} s, masker {report.masker_seconds:.2f} s) | "
+            f"executor {report.executor}, {report.workers} worker(s) | written {_human(report.bytes_written)}, "
+            f"shards total {_human(report.shard_bytes_total)}, {report.shards_removed} stale shard(s) removed",
+            highlight=False, markup=False,
         )
     for error in report.errors[:10]:
         console.print(f"  skipped {error['path']} [{error['stage']}]: {error['reason']}", markup=False, highlight=False)
     if len(report.errors) > 10:
         console.print(f"  ... and {len(report.errors) - 10} more in errors.jsonl")
     console.print(report.summary_line(), markup=False, highlight=False)
+
+
+def _rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:.1f}" if count and seconds > 0 else ""
 
 
 def _human(size: int) -> str:
@@ -136,27 +144,35 @@ def _human(size: int) -> str:
 
 
 class StageProgress:
-    """One rich progress bar per stage (samples/s, ETA); a no-op when disabled."""
+    """One rich progress bar per stage; a no-op when disabled.
 
-    def __init__(self, enabled: bool) -> None:
+    Each bar counts every item of its stage, but its rate and ETA come from the items this run
+    *computes* only: cached items are counted in at once (``advance(..., reused=True)``) and
+    would otherwise make the rate absurd and the ETA far too short on a partly cached corpus.
+    The bar's text says how many items were computed and how many reused.
+    """
+
+    def __init__(self, enabled: bool, console=None) -> None:
         self.enabled = enabled
+        self._console = console
         self._progress = None
         self._tasks: dict[str, Any] = {}
+        self._counts: dict[str, list] = {}  # stage -> [computed, reused, start time]
 
     def __enter__(self) -> "StageProgress":
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("{task.description:<8}"),
-                BarColumn(),
+                TextColumn("{task.description:<7}"),
+                BarColumn(bar_width=30),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[detail]}", style="dim"),
+                TextColumn("{task.fields[rate]:>15}"),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
+                TextColumn("ETA {task.fields[eta]:>7}"),
+                console=self._console or Console(stderr=True),
                 transient=False,
             )
             self._progress.__enter__()
@@ -164,21 +180,49 @@ class StageProgress:
 
     def add(self, stage: str, total: int | None, unit: str = "samples") -> None:
         if self._progress is not None:
-            self._tasks[stage] = self._progress.add_task(stage, total=total, rate="", unit=unit)
+            import time
+
+            self._counts[stage] = [0, 0, time.perf_counter()]
+            self._tasks[stage] = self._progress.add_task(stage, total=total, unit=unit, detail="", rate="", eta="-:--:--")
 
     def set_total(self, stage: str, total: int) -> None:
         if self._progress is not None and stage in self._tasks:
             self._progress.update(self._tasks[stage], total=total)
+            self._refresh_fields(stage)
 
-    def advance(self, stage: str, amount: int) -> None:
-        if self._progress is not None and stage in self._tasks and amount:
-            task_id = self._tasks[stage]
-            self._progress.advance(task_id, amount)
-            task = self._progress.tasks[task_id]
-            speed = task.speed
-            unit = task.fields.get("unit", "samples")
-            self._progress.update(task_id, rate=f"{speed:.1f} {unit}/s" if speed else "")
+    def advance(self, stage: str, amount: int, *, reused: bool = False) -> None:
+        """Count ``amount`` items of ``stage`` as done: computed by this run, or ``reused``
+        from the cache."""
+        if self._progress is None or stage not in self._tasks or not amount:
+            return
+        self._counts[stage][1 if reused else 0] += amount
+        self._progress.advance(self._tasks[stage], amount)
+        self._refresh_fields(stage)
+
+    def _refresh_fields(self, stage: str) -> None:
+        import time
+
+        task_id = self._tasks[stage]
+        task = self._progress.tasks[task_id]
+        computed, reused, start = self._counts[stage]
+        unit = task.fields.get("unit", "samples")
+        detail = f"{computed} new, {reused} cached"
+        elapsed = time.perf_counter() - start
+        remaining = max(0.0, (task.total or 0) - task.completed)
+        if remaining == 0 and task.total is not None:
+            rate, eta = (f"{computed / elapsed:.1f} {unit}/s" if computed and elapsed > 0 else ""), "0:00:00"
+        elif computed and elapsed > 0:
+            speed = computed / elapsed
+            rate, eta = f"{speed:.1f} {unit}/s", _clock(remaining / speed)
+        else:
+            rate, eta = "", "-:--:--"
+        self._progress.update(task_id, detail=detail, rate=rate, eta=eta)
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

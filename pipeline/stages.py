@@ -91,6 +91,7 @@ class SampleRef:
     mask_fp: str
     pyramid_fp: str
     original_size: tuple[int, int]
+    source_path: str = ""  # the file's path on the machine that read it (for the plan memo)
 
 
 @dataclass
@@ -405,7 +406,7 @@ def _pyramid(item: dict[str, Any], mask_set: MaskSet | None, settings: StageSett
         SampleRef(
             key=item["meta"].key, relpath=task.relpath, frame=frame_meta["frame"], index_in_source=item["index"],
             source_sha256=task.source_sha256, ingest_fp=task.ingest_fp, mask_fp=item["mask_fp"], pyramid_fp=item["pyramid_fp"],
-            original_size=tuple(frame_meta["original_size"]),
+            original_size=tuple(frame_meta["original_size"]), source_path=task.path,
         )
     )
     _fault_point("sample")

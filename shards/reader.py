@@ -201,7 +201,7 @@ def iter_raw_samples(path: str | os.PathLike, *, check_end: bool = True) -> Iter
             yield current
 
 
-def iter_shard(path: str | os.PathLike, *, verify: bool = True) -> Iterator[ShardSample]:
+def iter_shard(path: str | os.PathLike, *, verify: bool | str = True) -> Iterator[ShardSample]:
     """Decoded samples of one shard, in file order, without an index.
 
     A sample that cannot be decoded raises ShardReadError naming the shard and the key.
@@ -211,7 +211,7 @@ def iter_shard(path: str | os.PathLike, *, verify: bool = True) -> Iterator[Shar
         yield _decode(raw, label, verify=verify)
 
 
-def _decode(raw: RawSample, label: str, *, verify: bool) -> ShardSample:
+def _decode(raw: RawSample, label: str, *, verify: bool | str) -> ShardSample:
     try:
         return decode_sample(raw.as_webdataset_dict(label), verify=verify)
     except SampleFormatError as exc:
@@ -253,7 +253,7 @@ class ShardReader:
     used from DataLoader workers.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, verify_shards: bool = False, verify_samples: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, *, verify_shards: bool = False, verify_samples: bool | str = True):
         from shards.index import read_index
 
         self.out_dir = Path(out_dir)

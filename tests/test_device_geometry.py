@@ -101,7 +101,10 @@ def make_samples(geometry: str, *, layered: bool, size: int = 64, count: int = 6
 def test_device_geometry_equals_worker_geometry(layered):
     worker = collate_views(make_samples("worker", layered=layered))
     device = collate_views(make_samples("device", layered=layered))
-    assert "view1" not in device and device["image"].shape == (6, 1, 96, 112)
+    assert "view1" not in device and device["image"].shape[:2] == (6, 1)
+    # only the bounding box of both crops travels; the canvas fits the largest of them
+    assert device["image"].shape[2] <= 96 and device["image"].shape[3] <= 112
+    assert (device["canvas_origin"] >= 0).all() and (device["canvas_origin"] > 0).any()
     for photometric in (False, True):
         config = {"photometric": photometric}
         a = prepare_batch(worker, device="cpu", generator=torch.Generator().manual_seed(5), config=config)
@@ -177,3 +180,16 @@ def test_pretrain_loader_device_geometry_matches_worker_geometry(tmp_path):
     for a, b in zip(batches["worker"], batches["device"]):
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.gpu
+def test_device_geometry_on_cuda_matches_the_worker_batch():
+    worker = collate_views(make_samples("worker", layered=True))
+    device = collate_views(make_samples("device", layered=True))
+    a = prepare_batch(worker, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5), config={"photometric": False})
+    b = prepare_batch(device, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5), config={"photometric": False})
+    for key in ("masks1", "masks2", "mask_valid1", "mask_valid2", "mask_ids", "core_valid"):
+        assert torch.equal(a[key], b[key]), key
+    std = torch.tensor([0.229, 0.224, 0.225], device="cuda").view(1, 3, 1, 1)
+    for key in ("view1", "view2", "core"):  # one grey level, in normalised units (TF32 matmul included)
+        assert ((a[key] - b[key]).abs() * std).max() <= 1.01 / 255, key

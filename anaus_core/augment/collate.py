@@ -28,6 +28,7 @@ BATCH_FIELDS: dict[str, torch.dtype] = {
     "mask_layer": torch.int64,
     "mask_value": torch.int64,
     "core_box": torch.float32,
+    "canvas_origin": torch.int64,
     "view_size": torch.int64,
 }
 

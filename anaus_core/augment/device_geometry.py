@@ -149,8 +149,12 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
     if layers.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
         raise ValueError(f"mask_layers must be an integer tensor, got {layers.dtype}")
     out: dict[str, torch.Tensor] = {}
+    # boxes are in stored-image pixels; the canvas starts at canvas_origin of each image
+    origin = torch.zeros((image.shape[0], 4), dtype=torch.float32, device=image.device)
+    if "canvas_origin" in batch:
+        origin[:, :2] = batch["canvas_origin"].to(device=image.device, dtype=torch.float32)
     for which in (1, 2):
-        boxes, flips = batch[f"crop{which}"], batch[f"flip{which}"]
+        boxes, flips = batch[f"crop{which}"].to(image.device) - origin, batch[f"flip{which}"]
         out[f"view{which}"] = resized_crop_batch(image, boxes, size, flips, method=method).div_(255.0)
         masks = select_masks(warp_layers_batch(layers, boxes, flips, size), batch["mask_layer"], batch["mask_value"])
         out[f"masks{which}"] = masks
@@ -158,7 +162,7 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
     valid = batch["core_valid"].to(torch.bool)
     # an invalid core has no box; resample a 1-pixel stand-in and zero it, as the worker path does
     stand_in = torch.tensor([0.0, 0.0, 1.0, 1.0], device=image.device)
-    core_boxes = torch.where(valid[:, None], batch["core_box"].to(image.device), stand_in)
+    core_boxes = torch.where(valid[:, None], batch["core_box"].to(image.device) - origin, stand_in)
     core = resized_crop_batch(image, core_boxes, size, method=method)
     out["core"] = core.mul_(valid[:, None, None, None].to(core.dtype)).div_(255.0)
     return out

@@ -25,8 +25,10 @@ un-augmented image and the label layers of the sampled masks instead of the warp
 ``anaus_core.augment.device.prepare_batch`` cuts and resizes the whole batch on the device
 (``anaus_core.augment.device_geometry``) and returns the same tensors. Per-sample fields then:
 
-    image               uint8 (1, H, W)         the stored image (collate pads to a canvas)
-    mask_layers         uint8/uint16 (L, H, W)  label layers holding the sampled masks
+    image               uint8 (1, h, w)         the stored image inside the bounding box of both
+                                                crops (collate pads to a canvas)
+    mask_layers         uint8/uint16 (L, h, w)  label layers holding the sampled masks, same region
+    canvas_origin       int64 (2,)              (top, left) of that region in the stored image
     mask_layer          int64 (K,)              layer of each slot
     mask_value          int64 (K,)              label of each slot in that layer, 0 = empty slot
     core_box            float32 (4,)            the overlap box (zeros when core_valid is False)
@@ -212,7 +214,7 @@ class PairedViews:
             "flip2": np.bool_(flip2),
         }
         if config.geometry == "device":
-            out.update(self._device_fields(image, masks, chosen, overlap if core_valid else None))
+            out.update(self._device_fields(image, masks, chosen, (box1, box2), overlap if core_valid else None))
             return out
 
         packed_width = size // 8
@@ -251,9 +253,14 @@ class PairedViews:
         return np.ascontiguousarray(warp_masks(masks[unique], box, flip, size))
 
     def _device_fields(self, image: np.ndarray, masks: np.ndarray | MaskLayers, chosen: np.ndarray,
-                       core_box: CropBox | None) -> dict[str, np.ndarray]:
-        """What the device needs to make the views itself: the image and the sampled masks' layers."""
+                       boxes: tuple[CropBox, CropBox], core_box: CropBox | None) -> dict[str, np.ndarray]:
+        """What the device needs to make the views itself: the image and the sampled masks' layers,
+        cut to the bounding box of both crops (the device never reads outside a crop; on average
+        this ships ~70% of the pixels). ``canvas_origin`` is that box's top-left corner."""
         num = self.config.num_mask_samples
+        top, left = min(b.top for b in boxes), min(b.left for b in boxes)
+        bottom, right = max(b.bottom for b in boxes), max(b.right for b in boxes)
+        image = image[top:bottom, left:right]
         height, width = image.shape
         mask_layer = np.zeros(num, np.int64)
         mask_value = np.zeros(num, np.int64)
@@ -265,14 +272,14 @@ class PairedViews:
             if 2 * int(present.sum()) > len(present):
                 # most layers hold a sampled mask: ship them all, uncopied (collate copies once)
                 mask_layer[:] = layer_of_mask
-                layers = masks.layers
+                layers = masks.layers[:, top:bottom, left:right]
             else:  # ship only the layers that hold a sampled mask, renumbered densely
                 mask_layer[:] = (np.cumsum(present) - 1)[layer_of_mask]
-                layers = masks.layers[present]
+                layers = masks.layers[present, top:bottom, left:right]
             mask_value[:] = chosen + 1
         else:
             unique, mask_layer[:] = np.unique(chosen, return_inverse=True)
-            layers = masks[unique].view(np.uint8)
+            layers = masks[unique, top:bottom, left:right].view(np.uint8)
             mask_value[:] = 1
         return {
             "image": image[None],
@@ -280,5 +287,6 @@ class PairedViews:
             "mask_layer": mask_layer,
             "mask_value": mask_value,
             "core_box": core_box.as_array() if core_box is not None else np.zeros(4, np.float32),
+            "canvas_origin": np.array([top, left], np.int64),
             "view_size": np.int64(self.config.size),
         }

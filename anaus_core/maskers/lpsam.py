@@ -11,10 +11,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from anaus_core.errors import UserInputError
 from anaus_core.maskers.base import ImageMeta, SampleError
 from anaus_core.maskset import MaskSet
 
 CODE_VERSION = "lpsam-1"
+
+
+def _checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """stage, base_sam_sha256 and class_names of an LP-SAM checkpoint, read with the tensors
+    memory-mapped (not loaded); files that cannot be mapped go through the full reader, which
+    also gives the one-line error for a missing or foreign file."""
+    import torch
+
+    from anaus_core.lpsam.checkpoint import FORMAT, VERSION, read_checkpoint
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        data = None
+    if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == VERSION):
+        data = read_checkpoint(path)
+    return {key: data[key] for key in ("stage", "base_sam_sha256", "class_names") if key in data}
 
 
 class LPSAMMasker:
@@ -47,26 +65,53 @@ class LPSAMMasker:
         amg_iou_threshold: float = 0.7,
         amp: bool = True,
     ) -> None:
-        from anaus_core.lpsam.checkpoint import load_lpsam
-        from anaus_core.lpsam.predictor import LPSAMPredictor, PredictorOptions
+        import torch
+
+        from anaus_core.lpsam.checkpoint import check_base_sam
+        from anaus_core.lpsam.predictor import PredictorOptions
         from anaus_core.sam import file_sha256
 
         self.checkpoint = Path(checkpoint)
         self.sam_checkpoint = None if sam_checkpoint is None else Path(sam_checkpoint)
-        model, data = load_lpsam(self.checkpoint, sam_checkpoint=self.sam_checkpoint)
+        # Checked here (one-line errors before any work), but the model - the base SAM plus
+        # the LP-SAM tensors - is only built on the first call: fingerprint() needs just the
+        # two files' sha256, and a planning driver must not load a large SAM.
+        metadata = _checkpoint_metadata(self.checkpoint)
+        if metadata.get("stage") != "prompter":
+            raise UserInputError(f"{self.checkpoint}: is a stage {metadata.get('stage')!r} checkpoint; this needs a 'prompter' checkpoint (anaus lpsam train-prompter)")
+        self._sam_sha256 = check_base_sam(metadata, self.sam_checkpoint, source=self.checkpoint)
         self._checkpoint_sha256 = file_sha256(self.checkpoint)
-        self._sam_sha256 = data.get("base_sam_sha256", "")
+        self.class_names = [str(name) for name in metadata.get("class_names", [])]
         self.options = PredictorOptions(threshold=float(threshold), min_area=int(min_area), amg=bool(amg), amg_points_per_side=int(amg_points_per_side), amg_iou_threshold=float(amg_iou_threshold))
-        self.predictor = LPSAMPredictor(model, device=device, batch_size=batch_size, amp=amp, options=self.options)
-        self.class_names = list(model.class_names)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"bad device {device!r} ({exc})") from None
+        self.batch_size = int(batch_size)
         self.amp = bool(amp)
+        self._predictor = None
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._predictor is not None
+
+    @property
+    def predictor(self):
+        """The ``LPSAMPredictor`` (model built from both checkpoints on first use)."""
+        if self._predictor is None:
+            from anaus_core.lpsam import checkpoint as lpsam_checkpoint
+            from anaus_core.lpsam.predictor import LPSAMPredictor
+
+            model, _ = lpsam_checkpoint.load_lpsam(self.checkpoint, sam_checkpoint=self.sam_checkpoint)
+            self._predictor = LPSAMPredictor(model, device=self.device, batch_size=self.batch_size, amp=self.amp, options=self.options)
+        return self._predictor
 
     def fingerprint(self) -> dict[str, Any]:
         return {
             "masker": self.name,
             "code_version": CODE_VERSION,
             "checkpoint_sha256": self._checkpoint_sha256,
-            "sam_checkpoint_sha256": self._sam_sha256,
+            "sam_checkpoint_sha256": self._sam_sha256,  # "" for a random base SAM (tests)
             "options": {
                 "threshold": self.options.threshold,
                 "min_area": self.options.min_area,
@@ -74,7 +119,7 @@ class LPSAMMasker:
                 "amg_points_per_side": self.options.amg_points_per_side,
                 "amg_iou_threshold": self.options.amg_iou_threshold,
                 # bf16 changes the numbers slightly, so it is part of what determines the output.
-                "bf16": self.amp and self.predictor.device.type == "cuda",
+                "bf16": self.amp and self.device.type == "cuda",
             },
         }
 

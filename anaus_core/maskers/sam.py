@@ -94,6 +94,29 @@ def encode_images(
     return features.float(), input_sizes
 
 
+def _read_spec(path: Path, model_type: str | None):
+    """The architecture of the checkpoint at ``path`` without reading its weights: the state
+    dict is memory-mapped (only the tensor shapes are looked at). Checkpoints that cannot be
+    mapped (legacy non-zip format, wrapped dicts, foreign files) go through the full reader,
+    which also gives the one-line error for a file that is not a SAM checkpoint."""
+    from anaus_core.sam import read_sam_state_dict, resolve_spec, spec_from_state_dict
+
+    if model_type:
+        return resolve_spec(model_type)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = None
+    if not (isinstance(state, dict) and "image_encoder.pos_embed" in state):
+        state = read_sam_state_dict(path)
+    try:
+        return spec_from_state_dict(state)
+    except ValueError as exc:
+        raise UserInputError(f"{path}: {exc}") from None
+    finally:
+        del state
+
+
 class SamMasker:
     """Vanilla SAM automatic-mask-generator proposals, batched on the device.
 
@@ -130,7 +153,7 @@ class SamMasker:
         batch_size: int = 4,
         autocast: bool = True,
     ) -> None:
-        from anaus_core.sam import build_sam, file_sha256, read_sam_state_dict, resolve_spec, spec_from_state_dict
+        from anaus_core.sam import file_sha256
 
         path = Path(checkpoint)
         if not path.is_file():
@@ -143,14 +166,14 @@ class SamMasker:
             raise ValueError(f"bad device {device!r} ({exc})") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserInputError(f"--device {device}: CUDA is not available on this machine")
-        state_dict = read_sam_state_dict(path)
-        spec = resolve_spec(model_type) if model_type else spec_from_state_dict(state_dict)
+        # Only the architecture is read here (tensor shapes, memory-mapped); the weights are
+        # loaded on the first call, so that fingerprint() - all a planning driver needs - is
+        # cheap (see _load_model).
+        self._spec = _read_spec(path, model_type)
         self.checkpoint = path
         self.checkpoint_sha256 = file_sha256(path)
-        self.model_type = spec.name
-        self.image_size = int(image_size) if image_size else spec.image_size
-        self.sam = build_sam(spec, checkpoint=state_dict, image_size=self.image_size).to(self.device).eval()
-        del state_dict
+        self.model_type = self._spec.name
+        self.image_size = int(image_size) if image_size else self._spec.image_size
         self.points_per_side = int(points_per_side)
         self.points_per_batch = int(points_per_batch)
         self.pred_iou_thresh = float(pred_iou_thresh)
@@ -159,8 +182,18 @@ class SamMasker:
         self.box_nms_thresh = float(box_nms_thresh)
         self.batch_size = int(batch_size)
         self.autocast = bool(autocast)
-        self.generator = SamAutomaticMaskGenerator(
-            self.sam,
+        self._sam: Sam | None = None
+        self._generator: SamAutomaticMaskGenerator | None = None
+        self._predictor: CachedFeaturePredictor | None = None
+
+    def _load_model(self) -> None:
+        from anaus_core.sam import build_sam, read_sam_state_dict
+
+        state_dict = read_sam_state_dict(self.checkpoint)
+        sam = build_sam(self._spec, checkpoint=state_dict, image_size=self.image_size).to(self.device).eval()
+        del state_dict
+        generator = SamAutomaticMaskGenerator(
+            sam,
             points_per_side=self.points_per_side,
             points_per_batch=self.points_per_batch,
             pred_iou_thresh=self.pred_iou_thresh,
@@ -170,8 +203,32 @@ class SamMasker:
             crop_n_layers=0,
             output_mode="binary_mask",
         )
-        self.predictor = CachedFeaturePredictor(self.sam)
-        self.generator.predictor = self.predictor
+        predictor = CachedFeaturePredictor(sam)
+        generator.predictor = predictor
+        self._sam, self._generator, self._predictor = sam, generator, predictor
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._sam is not None
+
+    @property
+    def sam(self) -> Sam:
+        """The SAM model (built from the checkpoint on first use)."""
+        if self._sam is None:
+            self._load_model()
+        return self._sam
+
+    @property
+    def generator(self) -> SamAutomaticMaskGenerator:
+        if self._generator is None:
+            self._load_model()
+        return self._generator
+
+    @property
+    def predictor(self) -> CachedFeaturePredictor:
+        if self._predictor is None:
+            self._load_model()
+        return self._predictor
 
     def options(self) -> dict[str, Any]:
         """Options that change the masks (device, batch size and autocast on CPU do not)."""

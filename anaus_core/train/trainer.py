@@ -309,6 +309,11 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                   if d.startswith(_RESUME_LOCKED)]
         if locked:
             raise UserInputError(f"{resume_path}: cannot resume with a different " + "; ".join(locked))
+        saved_world = int(checkpoint.get("world_size", context.world_size))
+        if saved_world != context.world_size:
+            raise UserInputError(
+                f"{resume_path}: saved by a {saved_world}-process run, resumed with {context.world_size}; the data "
+                "stream's epoch plan depends on the number of processes, so resume with the same world size")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = int(checkpoint["step"])
@@ -467,13 +472,14 @@ def _all_reduce_max(value: torch.Tensor, context: DistributedContext) -> float:
 
 
 def checkpoint_payload(model, optimizer, config: PretrainConfig, schedule: Schedule, step: int, epoch: int,
-                       batches_done: int) -> dict[str, Any]:
+                       batches_done: int, world_size: int = 1) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "step": step,
         "epoch": epoch,
         "data_state": {"epoch": epoch, "batches_done": batches_done},
+        "world_size": world_size,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": {"total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,
@@ -487,7 +493,7 @@ def checkpoint_payload(model, optimizer, config: PretrainConfig, schedule: Sched
 def _save(model, optimizer, config, schedule, step, epoch, batches_done, run_dir, context, *, keep_step_file) -> Path | None:
     path = None
     if context.is_main:
-        payload = checkpoint_payload(model, optimizer, config, schedule, step, epoch, batches_done)
+        payload = checkpoint_payload(model, optimizer, config, schedule, step, epoch, batches_done, context.world_size)
         path = save_checkpoint(payload, run_dir / CHECKPOINT_DIRNAME, step=step, keep_step_file=keep_step_file)
     barrier(context)
     return path
