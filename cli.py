@@ -388,7 +388,7 @@ def shard_data_source(config):
     data = config.data
     on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
     return ShardDataSource.open(data.shards, num_workers=data.num_workers, seed=config.run.seed,
-                                view_config=config.views, shuffle_buffer=data.shuffle_buffer,
+                                view_config=config.views.resolved(on_cuda=on_cuda), shuffle_buffer=data.shuffle_buffer,
                                 pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor)
 
 

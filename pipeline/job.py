@@ -506,9 +506,13 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
                 expected_samples += produced - result.sources_done
                 progress.set_total("mask", max(expected_samples, known))
                 progress.set_total("pyramid", max(expected_samples, known))
-                progress.advance("ingest", result.sources_done)
-                progress.advance("mask", produced)
-                progress.advance("pyramid", len(result.samples))
+                mask_reused, pyramid_reused = result.tallies["mask"].reused, result.tallies["pyramid"].reused
+                progress.advance("ingest", result.sources_done - result.sources_reused)
+                progress.advance("ingest", result.sources_reused, reused=True)
+                progress.advance("mask", produced - mask_reused)
+                progress.advance("mask", mask_reused, reused=True)
+                progress.advance("pyramid", len(result.samples) - pyramid_reused)
+                progress.advance("pyramid", pyramid_reused, reused=True)
         del to_run
         memo.save()  # and release it: nothing below needs it
         # -- 3. pack ------------------------------------------------------------------------

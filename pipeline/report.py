@@ -79,10 +79,10 @@ class PrecomputeReport:
         if self.did_no_work:
             head = f"nothing to do: {self.samples} samples in {self.shards_reused} shards are up to date"
         else:
-            computed = ", ".join(f"{name} {s.computed}" for name, s in self.stages.items())
+            # Per-stage counts are in the table above; this line stays short enough for one line.
             head = (
                 f"{self.samples} samples in {self.shards_written + self.shards_reused} shards "
-                f"(computed: {computed}; shards written {self.shards_written}, reused {self.shards_reused}, removed {self.shards_removed})"
+                f"({self.shards_written} written, {self.shards_reused} reused, {self.shards_removed} removed)"
             )
         tail = f"; {self.skipped} input(s) skipped, see {Path(self.out_dir) / 'errors.jsonl'}" if self.skipped else "; no input skipped"
         return f"{head}{tail}; {self.wall_seconds:.1f} s"
@@ -116,13 +116,14 @@ def render_report(report: PrecomputeReport, console=None) -> None:
     console.print(table)
     if not report.dry_run:
         # Stage times are summed over workers; samples/s is over the run's wall time.
-        throughput = f"{report.samples / report.wall_seconds:.1f} samples/s" if report.wall_seconds > 0 and report.samples else "-"
+        computed = report.stages["mask"].computed
+        throughput = f"{computed / report.wall_seconds:.1f} computed samples/s" if report.wall_seconds > 0 and computed else "nothing computed"
         console.print(
-            f"wall {report.wall_seconds:.2f} s ({throughput}; planning {report.plan_seconds:.2f} s, masker {report.masker_seconds:.2f} s) | "
-            f"executor {report.executor}, {report.workers} worker(s) | written {_human(report.bytes_written)}, "
-            f"shards total {_human(report.shard_bytes_total)}, {report.shards_removed} stale shard(s) removed",
+            f"wall {report.wall_seconds:.2f} s, {throughput} (planning {report.plan_seconds:.2f} s, masker {report.masker_seconds:.2f} s); "
+            f"executor {report.executor}, {report.workers} worker(s)",
             highlight=False, markup=False,
         )
+        console.print(f"written {_human(report.bytes_written)} (cache entries + shards); shards total {_human(report.shard_bytes_total)}", highlight=False, markup=False)
     for error in report.errors[:10]:
         console.print(f"  skipped {error['path']} [{error['stage']}]: {error['reason']}", markup=False, highlight=False)
     if len(report.errors) > 10:

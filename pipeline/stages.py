@@ -130,6 +130,7 @@ class TaskResult:
     masker_seconds: float = 0.0
     cache_bytes_written: int = 0
     sources_done: int = 0
+    sources_reused: int = 0  # sources whose ingest entry was already cached
     process: str = field(default_factory=lambda: f"{__import__('socket').gethostname()}:{os.getpid()}")
 
 
@@ -297,6 +298,7 @@ def _ingest(task: SourceTask, settings: StageSettings, cache: StageCache, result
         try:
             meta, sections = cache.get("ingest", task.ingest_fp)
             tally.reused += len(meta["frames"])
+            result.sources_reused += 1
             return meta, sections
         except CacheEntryError:
             pass  # damaged entry: recompute below and overwrite it

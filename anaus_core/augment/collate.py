@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 # Field -> dtype of the collated tensor (CONTRACTS.md, "Pre-training batch").
 BATCH_FIELDS: dict[str, torch.dtype] = {
@@ -33,6 +34,18 @@ BATCH_FIELDS: dict[str, torch.dtype] = {
 }
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker in shared memory, as torch's
+    ``default_collate`` does, so that sending the batch to the main process copies nothing
+    (otherwise pickling copies every tensor into shared memory once more)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    template = torch.empty(0, dtype=dtype)
+    storage = template._typed_storage()._new_shared(numel, device=template.device)
+    return template.new(storage).resize_(*shape)
+
+
 def collate_views(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack B per-sample dicts (numpy) into one dict of tensors with the contract dtypes."""
     if not samples:
@@ -41,8 +54,11 @@ def collate_views(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torc
     for name, dtype in BATCH_FIELDS.items():
         if name not in samples[0]:
             continue
-        stacked = np.stack([np.asarray(sample[name]) for sample in samples])
-        batch[name] = torch.from_numpy(stacked).to(dtype)
+        first = np.asarray(samples[0][name])
+        out = _empty((len(samples),) + first.shape, dtype)
+        # unsafe casting = the value conversion of Tensor.to(dtype)
+        np.stack([np.asarray(sample[name]) for sample in samples], out=out.numpy(), casting="unsafe")
+        batch[name] = out
     if "image" in samples[0]:
         batch.update(_collate_canvas(samples))
     return batch
@@ -60,11 +76,18 @@ def _collate_canvas(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, to
     width = max(int(np.asarray(s["image"]).shape[-1]) for s in samples)
     layers_max = max(1, max(int(np.asarray(s["mask_layers"]).shape[0]) for s in samples))
     wide = any(np.asarray(s["mask_layers"]).dtype != np.uint8 for s in samples)
-    images = np.zeros((len(samples), 1, height, width), np.uint8)
-    layers = np.zeros((len(samples), layers_max, height, width), np.int32 if wide else np.uint8)
+    images_t = _empty((len(samples), 1, height, width), torch.uint8)
+    layers_t = _empty((len(samples), layers_max, height, width), torch.int32 if wide else torch.uint8)
+    images, layers = images_t.numpy(), layers_t.numpy()
     for index, sample in enumerate(samples):
         image = np.asarray(sample["image"])
-        images[index, :, :image.shape[-2], :image.shape[-1]] = image
+        h, w = image.shape[-2:]
+        images[index, :, :h, :w] = image
+        images[index, :, h:, :] = 0
+        images[index, :, :h, w:] = 0
         layer = np.asarray(sample["mask_layers"])
-        layers[index, :layer.shape[0], :layer.shape[1], :layer.shape[2]] = layer
-    return {"image": torch.from_numpy(images), "mask_layers": torch.from_numpy(layers)}
+        layers[index, :layer.shape[0], :h, :w] = layer
+        layers[index, layer.shape[0]:] = 0
+        layers[index, :, h:, :] = 0
+        layers[index, :, :h, w:] = 0
+    return {"image": images_t, "mask_layers": layers_t}

@@ -38,7 +38,7 @@ un-augmented image and the label layers of the sampled masks instead of the warp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace, dataclass
 
 import numpy as np
 
@@ -77,8 +77,10 @@ class ViewConfig:
     num_mask_samples: int = 16
     core_min_side: int = 8
     sampling_area: str = "grid"
-    geometry: str = "worker"
-
+    # Where crop/resize/flip run: "worker" (DataLoader workers, CPU) or "device" (batched on the
+    # training device; workers only decode and draw). "auto" = device on CUDA, worker otherwise:
+    # on a CPU-only run the main process would do the resizing, which is slower.
+    geometry: str = "auto"
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size % 8:
@@ -93,8 +95,14 @@ class ViewConfig:
             raise ValueError(f"num_mask_samples must be >= 1, got {self.num_mask_samples}")
         if self.sampling_area not in ("grid", "exact"):
             raise ValueError(f"sampling_area must be 'grid' or 'exact', got {self.sampling_area!r}")
-        if self.geometry not in ("worker", "device"):
-            raise ValueError(f"geometry must be 'worker' or 'device', got {self.geometry!r}")
+        if self.geometry not in ("auto", "worker", "device"):
+            raise ValueError(f"geometry must be 'auto', 'worker' or 'device', got {self.geometry!r}")
+
+    def resolved(self, *, on_cuda: bool) -> "ViewConfig":
+        """This config with ``geometry`` "auto" made concrete for the training device."""
+        if self.geometry != "auto":
+            return self
+        return replace(self, geometry="device" if on_cuda else "worker")
 
 
 @dataclass(frozen=True)

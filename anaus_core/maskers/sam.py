@@ -120,6 +120,10 @@ def _read_spec(path: Path, model_type: str | None):
 class SamMasker:
     """Vanilla SAM automatic-mask-generator proposals, batched on the device.
 
+    The model is built on the first call (or first access to ``sam``/``generator``/
+    ``predictor``); construction only hashes the checkpoint and reads its architecture, so
+    ``fingerprint()`` never loads weights.
+
     Args:
         checkpoint: official-format SAM checkpoint (e.g. ``sam_vit_b_01ec64.pth``).
         model_type: spec name (``vit_b``, ``vit_l``, ``vit_h``, ``tiny``); inferred from the
