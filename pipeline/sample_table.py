@@ -2,7 +2,7 @@
 
 The driver of a run over N samples must remember, per sample, its key, where it came from and
 its three stage fingerprints until the shards are cut. Held as Python objects (a dataclass with
-hex strings per sample) that is ~1 KiB/sample; here it is ~150 bytes: fingerprints as raw
+hex strings per sample) that is ~1 KiB/sample; here it is ~350 bytes (with typical paths): fingerprints as raw
 32-byte digests in ``bytearray`` columns (read back as ``np.dtype("S32")``), numbers in
 ``array.array`` columns and strings (keys, paths) as one UTF-8 byte buffer plus offsets.
 ``SampleRef``/``SourceTask`` objects are only materialised for the batch or shard at hand.
