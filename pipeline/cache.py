@@ -34,6 +34,27 @@ class CacheEntryError(Exception):
     """A cache entry exists but cannot be read (damaged); the caller recomputes it."""
 
 
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], *, fsync: bool = True) -> None:
+    """Like :func:`atomic_write_bytes` for data produced piece by piece (never held whole)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``.
 

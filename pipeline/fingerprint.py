@@ -29,9 +29,11 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from array import array
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 INGEST_CODE_VERSION = 1
 MASK_CODE_VERSION = 1
@@ -133,15 +135,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(slots=True)  # one per source file: slots keep a 1M-file cache small
-class _StatEntry:
-    size: int
-    mtime_ns: int
-    inode: int
-    sha256: str
-    hashed_at_ns: int
-
-
 class StatCache:
     """path -> sha256, trusted only while (size, mtime_ns, inode) are unchanged.
 
@@ -150,41 +143,73 @@ class StatCache:
     is within ``racy_window_ns`` of the moment it was hashed is not trusted (the file may have
     been rewritten within the filesystem's timestamp granularity), so it is re-hashed next time.
 
-    The cache is a JSON file written atomically by :meth:`save`; losing it (crash before save)
-    only costs re-hashing.
+    The cache is a JSON file (``{"version": 1, "entries": {path: [size, mtime_ns, inode,
+    sha256, hashed_at_ns]}}``) written atomically by :meth:`save`; losing it (crash before save)
+    only costs re-hashing. In memory it is columnar, not one dict entry per file (~0.4 KiB
+    each): the loaded entries as a sorted ``S`` array of paths (looked up by binary search),
+    an int64 (n, 4) stat table and raw 32-byte digests; files hashed in this session are
+    appended to similar columns (~100 bytes + path each) and merged in on :meth:`save`.
+    A path hashed twice in one session is hashed twice (the driver asks once per file).
     """
 
     def __init__(self, path: str | Path | None, *, racy_window_ns: int = 2_000_000_000) -> None:
         self.path = Path(path) if path is not None else None
         self.racy_window_ns = racy_window_ns
-        self._entries: dict[str, _StatEntry] = {}
         self.hashed = 0
         self.reused = 0
         self._dirty = False
+        self._paths = np.zeros(0, "S1")  # loaded entries, sorted by path (UTF-8 bytes)
+        self._stats = np.zeros((0, 4), np.int64)  # size, mtime_ns, inode, hashed_at_ns
+        self._digests = np.zeros(0, "S32")
+        self._new_paths: list[bytes] = []
+        self._new_stats = array("q")
+        self._new_digests = bytearray()
         if self.path is not None and self.path.exists():
             try:
-                raw = json.loads(self.path.read_text())
-                self._entries = {k: _StatEntry(*v) for k, v in raw.get("entries", {}).items()}
-            except (ValueError, TypeError, OSError):
-                self._entries = {}  # a damaged stat cache is only a lost optimisation
+                self._load(json.loads(self.path.read_text()).get("entries", {}))
+            except (ValueError, TypeError, OSError, AttributeError):
+                self._paths, self._stats, self._digests = np.zeros(0, "S1"), np.zeros((0, 4), np.int64), np.zeros(0, "S32")  # a damaged stat cache is only a lost optimisation
+
+    def _load(self, entries: dict) -> None:
+        count = len(entries)
+        paths = np.array([_path_bytes(k) for k in entries], dtype="S") if count else np.zeros(0, "S1")
+        stats = np.empty((count, 4), np.int64)
+        digests = bytearray()
+        for row, (size, mtime_ns, inode, sha256, hashed_at_ns) in enumerate(entries.values()):
+            stats[row] = (size, mtime_ns, inode, hashed_at_ns)
+            digest = bytes.fromhex(sha256)
+            if len(digest) != 32:
+                raise ValueError("not a sha256")
+            digests += digest
+        order = np.argsort(paths, kind="stable")
+        self._paths, self._stats = paths[order], stats[order]
+        self._digests = np.frombuffer(bytes(digests), "S32")[order] if count else np.zeros(0, "S32")
+
+    def __len__(self) -> int:
+        return len(self._paths) + len(self._new_paths)
+
+    def _loaded_row(self, key: bytes) -> int | None:
+        row = int(np.searchsorted(self._paths, key))
+        if row < len(self._paths) and self._paths[row] == key:
+            return row
+        return None
 
     def sha256(self, path: str | Path) -> str:
         """sha256 of the file's bytes, from the cache when its stat is unchanged."""
         path = os.fspath(path)
         stat = os.stat(path)
-        entry = self._entries.get(path)
-        if (
-            entry is not None
-            and entry.size == stat.st_size
-            and entry.mtime_ns == stat.st_mtime_ns
-            and entry.inode == stat.st_ino
-            and stat.st_mtime_ns < entry.hashed_at_ns - self.racy_window_ns
-        ):
-            self.reused += 1
-            return entry.sha256
+        key = _path_bytes(path)
+        row = self._loaded_row(key)
+        if row is not None:
+            size, mtime_ns, inode, hashed_at_ns = self._stats[row].tolist()
+            if size == stat.st_size and mtime_ns == stat.st_mtime_ns and inode == stat.st_ino and stat.st_mtime_ns < hashed_at_ns - self.racy_window_ns:
+                self.reused += 1
+                return _digest_hex(self._digests[row])
         hashed_at = time.time_ns()
         digest = file_sha256(path)
-        self._entries[path] = _StatEntry(stat.st_size, stat.st_mtime_ns, stat.st_ino, digest, hashed_at)
+        self._new_paths.append(key)
+        self._new_stats.extend((stat.st_size, stat.st_mtime_ns, stat.st_ino, hashed_at))
+        self._new_digests += bytes.fromhex(digest)
         self.hashed += 1
         self._dirty = True
         return digest
@@ -193,15 +218,55 @@ class StatCache:
         """Write the cache atomically; ``keep`` (paths) drops entries of files no longer used."""
         if self.path is None:
             return
+        new_paths = np.array(self._new_paths, dtype="S") if self._new_paths else np.zeros(0, "S1")
+        new_stats = np.frombuffer(self._new_stats, np.int64).reshape(-1, 4) if len(self._new_stats) else np.zeros((0, 4), np.int64)
+        new_digests = np.frombuffer(bytes(self._new_digests), "S32") if self._new_digests else np.zeros(0, "S32")
+        # The last hash of a path wins; a loaded entry that was re-hashed is replaced.
+        last = np.ones(len(new_paths), bool)
+        if len(new_paths) > 1:
+            reversed_unique = np.unique(new_paths[::-1], return_index=True)[1]
+            last[:] = False
+            last[len(new_paths) - 1 - reversed_unique] = True
+        keep_loaded = ~np.isin(self._paths, new_paths) if len(new_paths) else np.ones(len(self._paths), bool)
         if keep is not None:
-            keep_set = {os.fspath(p) for p in keep}
-            before = len(self._entries)
-            self._entries = {k: v for k, v in self._entries.items() if k in keep_set}
-            self._dirty |= len(self._entries) != before
+            keep_paths = [_path_bytes(os.fspath(p)) for p in keep]
+            keep_array = np.array(keep_paths, dtype="S") if keep_paths else np.zeros(0, "S1")
+            del keep_paths
+            in_keep_loaded = np.isin(self._paths, keep_array)
+            self._dirty |= bool((~in_keep_loaded & keep_loaded).any())
+            keep_loaded &= in_keep_loaded
+            last &= np.isin(new_paths, keep_array)
         if not self._dirty:
             return
-        data = {"version": 1, "entries": {k: [v.size, v.mtime_ns, v.inode, v.sha256, v.hashed_at_ns] for k, v in self._entries.items()}}
-        from pipeline.cache import atomic_write_bytes
+        from pipeline.cache import atomic_write_chunks
 
-        atomic_write_bytes(self.path, json.dumps(data, separators=(",", ":")).encode())
+        def rows(paths, stats, digests, mask):
+            for row in np.flatnonzero(mask).tolist():
+                size, mtime_ns, inode, hashed_at_ns = stats[row].tolist()
+                name = paths[row].decode("utf-8", "surrogateescape")
+                yield f"{json.dumps(name)}:[{size},{mtime_ns},{inode},\"{_digest_hex(digests[row])}\",{hashed_at_ns}]"
+
+        def chunks():
+            yield b'{"version":1,"entries":{'
+            first = True
+            for text in _chain(rows(self._paths, self._stats, self._digests, keep_loaded), rows(new_paths, new_stats, new_digests, last)):
+                yield (text if first else "," + text).encode("utf-8", "surrogateescape")
+                first = False
+            yield b"}}"
+
+        atomic_write_chunks(self.path, chunks())
         self._dirty = False
+
+
+def _chain(*iterables):
+    for iterable in iterables:
+        yield from iterable
+
+
+def _digest_hex(digest: bytes) -> str:
+    # numpy ``S`` items drop trailing NUL bytes; a digest may end in zeros.
+    return bytes(digest).ljust(32, b"\0").hex()
+
+
+def _path_bytes(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")

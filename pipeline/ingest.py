@@ -30,7 +30,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -143,6 +143,42 @@ def _is_media(path: Path) -> bool:
     return suffix == "" and _is_dicom_by_magic(path)
 
 
+class SourceList(Sequence[SourceFile]):
+    """The sources of a corpus, compactly: a base folder and one relpath string per file
+    (~70 bytes each instead of a ~0.5 KiB ``SourceFile`` with its ``Path``); ``SourceFile``
+    objects are made on access. What :func:`discover_sources` returns as a list."""
+
+    def __init__(self, root: Path, relpaths: list[str], outside: dict[int, str] | None = None) -> None:
+        self.root = root
+        self.relpaths = relpaths
+        self._outside = outside or {}  # row -> absolute path, for list entries outside root
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def _source(self, row: int) -> SourceFile:
+        relpath = self.relpaths[row]
+        return SourceFile(path=Path(self._outside[row]) if row in self._outside else self.root / relpath, relpath=relpath)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._source(row) for row in range(len(self))[index]]
+        return self._source(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[SourceFile]:
+        for row in range(len(self)):
+            yield self._source(row)
+
+    def drain(self) -> Iterator[SourceFile]:
+        """Yield the sources front to back, dropping each relpath as it is handed out."""
+        self.relpaths.reverse()
+        count = len(self.relpaths)
+        while self.relpaths:
+            relpath = self.relpaths.pop()
+            row = count - 1 - len(self.relpaths)
+            yield SourceFile(path=Path(self._outside.pop(row)) if row in self._outside else self.root / relpath, relpath=relpath)
+
+
 def discover_sources(corpus: str | os.PathLike) -> list[SourceFile]:
     """The source files of a corpus, sorted by relative path (folder) or in list order.
 
@@ -152,12 +188,19 @@ def discover_sources(corpus: str | os.PathLike) -> list[SourceFile]:
     Every path named in a list is returned even if it does not exist or is not an image: the
     per-file check happens in ``ingest_source`` so that a bad entry is skipped, not fatal.
     Raises ``UserInputError`` when the corpus itself does not exist or is unreadable.
+    :func:`discover_source_list` gives the same sources as a compact :class:`SourceList`.
     """
+    return list(discover_source_list(corpus))
+
+
+def discover_source_list(corpus: str | os.PathLike) -> SourceList:
+    """:func:`discover_sources` as a compact :class:`SourceList` (what the precompute driver
+    uses: one relpath string per file, no ``Path`` objects until a source is planned)."""
     corpus = Path(corpus)
     if not corpus.exists():
         raise UserInputError(f"{corpus}: corpus not found (give a folder or a list file)")
     if corpus.is_dir():
-        found: list[SourceFile] = []
+        found: list[str] = []
         visited: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(corpus, followlinks=True):
             real = os.path.realpath(dirpath)
@@ -171,14 +214,15 @@ def discover_sources(corpus: str | os.PathLike) -> list[SourceFile]:
                     continue
                 path = Path(dirpath) / filename
                 if path.is_file() and _is_media(path):
-                    found.append(SourceFile(path=path, relpath=path.relative_to(corpus).as_posix()))
-        return sorted(found, key=lambda s: s.relpath)
+                    found.append(path.relative_to(corpus).as_posix())
+        found.sort()
+        return SourceList(corpus, found)
     if corpus.suffix.lower() in MEDIA_EXTENSIONS:
-        return [SourceFile(path=corpus, relpath=corpus.name)]
+        return SourceList(corpus.parent, [corpus.name])
     return _read_list_file(corpus)
 
 
-def _read_list_file(list_file: Path) -> list[SourceFile]:
+def _read_list_file(list_file: Path) -> SourceList:
     try:
         text = list_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -186,7 +230,8 @@ def _read_list_file(list_file: Path) -> list[SourceFile]:
     except OSError as exc:
         raise UserInputError(f"{list_file}: cannot read list file ({exc.strerror or exc})") from None
     root = list_file.resolve().parent
-    sources: list[SourceFile] = []
+    relpaths: list[str] = []
+    outside: dict[int, str] = {}
     seen: set[str] = set()
     for line in text.splitlines():
         entry = line.split("#", 1)[0].strip()
@@ -204,8 +249,11 @@ def _read_list_file(list_file: Path) -> list[SourceFile]:
         if relpath in seen:
             continue
         seen.add(relpath)
-        sources.append(SourceFile(path=path, relpath=relpath))
-    return sources
+        if not path.is_relative_to(root):
+            outside[len(relpaths)] = str(path)
+        relpaths.append(relpath)
+    del seen
+    return SourceList(root, relpaths, outside)
 
 
 # -- hashing ---------------------------------------------------------------------------------

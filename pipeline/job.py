@@ -218,20 +218,27 @@ class PlanMemo:
       while that file's (size, mtime_ns, inode) are unchanged and its mtime is older than the
       memo (as in ``StatCache``), otherwise ``masker.sample_fingerprint`` is asked again.
 
-    Entries are compact lists and strings (the memo is the largest per-sample structure the
-    driver keeps); what was loaded is dropped by :meth:`release_loaded` once planning is done.
-    Losing or corrupting the file only costs time; it is written atomically by :meth:`save`.
+    What was loaded is dropped by :meth:`release_loaded` once planning is done. What this run
+    used is not kept in memory (it was ~1 KiB per sample, the largest per-sample structure of
+    the driver): each entry is appended, already as JSON text, to one of two hidden spill files
+    beside the memo (``.tmp-`` names, removed by ``clean_stale_temps`` after a crash), and
+    :meth:`save` streams them into the new memo. An entry recorded twice (a source planned and
+    then computed) appears twice in the JSON object; the later one wins when read, as a dict
+    update would. Losing or corrupting the file only costs time; it is written atomically.
+    ``record=False`` (dry runs) records nothing and writes nothing.
     """
 
     VERSION = 2
 
-    def __init__(self, path: Path | None, *, racy_window_ns: int = 2_000_000_000) -> None:
+    def __init__(self, path: Path | None, *, racy_window_ns: int = 2_000_000_000, record: bool = True) -> None:
         self.path = path
         self.racy_window_ns = racy_window_ns
         self.frames: dict[str, list] = {}
         self.inputs: dict[str, list] = {}
-        self.used_frames: dict[str, list] = {}
-        self.used_inputs: dict[str, list] = {}
+        self.record = record and path is not None
+        self._spill: dict[str, Any] = {}  # "frames"/"inputs" -> open spill file
+        self._spill_count = {"frames": 0, "inputs": 0}
+        self._last_frames_fp: str | None = None
         if path is not None and path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -248,8 +255,38 @@ class PlanMemo:
                 frames = [[f["frame"], *f["original_size"]] for f in cache.get_meta("ingest", ingest_fp)["frames"]]
             except (CacheEntryError, OSError, ValueError, KeyError, TypeError):
                 return None
-        self.used_frames[ingest_fp] = frames
+        if ingest_fp != self._last_frames_fp:  # the frames of one source are asked for in a row
+            self._remember("frames", ingest_fp, frames)
+            self._last_frames_fp = ingest_fp
         return frames
+
+    def _remember(self, table: str, key: str, value: list) -> None:
+        if not self.record:
+            return
+        handle = self._spill.get(table)
+        if handle is None:
+            import tempfile
+
+            from pipeline.cache import TEMP_MARK
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.{table}{TEMP_MARK}", suffix=".part")
+            handle = self._spill[table] = os.fdopen(fd, "w+b")
+            handle.spill_name = name
+        fragment = json.dumps(key) + ":" + json.dumps(value, separators=(",", ":"))
+        handle.write(("," if self._spill_count[table] else "").encode() + fragment.encode())
+        self._spill_count[table] += 1
+
+    def _drop_spill(self) -> None:
+        for handle in self._spill.values():
+            handle.close()
+            try:
+                os.unlink(handle.spill_name)
+            except FileNotFoundError:
+                pass
+        self._spill = {}
+        self._spill_count = {"frames": 0, "inputs": 0}
+        self._last_frames_fp = None
 
     def sample_inputs(self, masker, meta) -> str:
         """Canonical JSON of the masker's per-sample inputs (``"{}"`` for most maskers)."""
@@ -266,35 +303,51 @@ class PlanMemo:
             except OSError:
                 stat = None
             if stat is not None and (stat.st_size, stat.st_mtime_ns, stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
-                self.used_inputs[memo_key] = entry
+                self._remember("inputs", memo_key, entry)
                 return inputs
         made_ns = time.time_ns()
         raw = sample_inputs(masker, meta)  # raises SampleError (no label), not memoised
         inputs = canonical_json(raw) if raw else "{}"
         path = os.fspath(locate(meta))
         stat = os.stat(path)
-        self.used_inputs[memo_key] = [path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs]
+        self._remember("inputs", memo_key, [path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs])
         return inputs
 
     def release_loaded(self) -> None:
-        """Forget what was read from disk (planning is done; what is still needed was copied to
-        the ``used_*`` tables)."""
+        """Forget what was read from disk (planning is done; what is still needed was spilled)."""
         self.frames, self.inputs = {}, {}
 
     def save(self) -> None:
         """Write the memo atomically and release it (called once, after the stage chain ran)."""
-        if self.path is not None:
-            from pipeline.cache import atomic_write_bytes
+        if self.record:
+            from pipeline.cache import atomic_write_chunks
 
-            data = {"version": self.VERSION, "frames": self.used_frames, "inputs": self.used_inputs}
-            atomic_write_bytes(self.path, json.dumps(data, separators=(",", ":")).encode(), fsync=False)
+            def chunks():
+                yield b'{"version":%d,"frames":{' % self.VERSION
+                yield from self._spilled("frames")
+                yield b'},"inputs":{'
+                yield from self._spilled("inputs")
+                yield b"}}"
+
+            try:
+                atomic_write_chunks(self.path, chunks(), fsync=False)
+            finally:
+                self._drop_spill()
         self.release_loaded()
-        self.used_frames, self.used_inputs = {}, {}
+
+    def _spilled(self, table: str):
+        handle = self._spill.get(table)
+        if handle is None:
+            return
+        handle.flush()
+        handle.seek(0)
+        while block := handle.read(1 << 20):
+            yield block
 
     def remember_computed(self, cache: StageCache, masker, samples: Sequence[SampleRef]) -> None:
         """Fill the memo for samples the workers just produced, so the next run is cheap."""
         for ref in samples:
-            if ref.ingest_fp not in self.used_frames:
+            if ref.ingest_fp != self._last_frames_fp:
                 self.ingest_frames(cache, ref.ingest_fp)
             meta = image_meta(ref.key, ref.relpath, ref.frame, ref.original_size, ref.source_path or ref.relpath)
             try:
@@ -382,7 +435,7 @@ def run_precompute(config: PrecomputeConfig, *, client=None, console=None, show_
 
 
 def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: float) -> PrecomputeReport:
-    from pipeline.ingest import discover_sources
+    from pipeline.ingest import discover_source_list
     from pipeline.ingest import ingest_fingerprint as ingest_options_of
 
     report = PrecomputeReport(out_dir=str(out_dir), dry_run=config.dry_run)
@@ -391,7 +444,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     if not config.dry_run:
         clean_stale_temps(out_dir)
 
-    sources = discover_sources(config.corpus)
+    sources = discover_source_list(config.corpus)  # compact: relpath strings, no Path per file
     report.sources = len(sources)
 
     masker, masker_options = build_job_masker(config)
@@ -421,7 +474,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     stat_cache = StatCache(cache_root / STAT_CACHE_NAME if not config.dry_run else None)
     if config.dry_run and (cache_root / STAT_CACHE_NAME).exists():
         stat_cache = StatCache(cache_root / STAT_CACHE_NAME)  # read it, never save it
-    memo = PlanMemo(cache_root / MEMO_NAME)
+    memo = PlanMemo(cache_root / MEMO_NAME, record=not config.dry_run)
     errors: list[ErrorRecord] = []
     source_table = SourceTable()
     table = SampleTable()
@@ -429,7 +482,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     counts = {"frames_known": 0, "masks_missing": 0, "pyramids_missing": 0, "not_ingested": 0}
     unknown_keys = StringColumn()  # dry run: keys of sources whose samples are not all cached
     hash_start = time.perf_counter()
-    for source in _drain(sources):
+    for source in sources.drain():
         path = os.path.abspath(source.path)
         try:
             digest = stat_cache.sha256(path)
@@ -615,6 +668,7 @@ def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: 
 
 def _pack_and_index(report, table: SampleTable, rows, keys, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> set[str]:
     from shards.index import INDEX_NAME, read_manifest, write_index
+    from shards.writer import compact_shard_info
 
     pack_start = time.perf_counter()
     planned = _shard_plan(table, rows, keys, settings, config)
@@ -640,7 +694,7 @@ def _pack_and_index(report, table: SampleTable, rows, keys, settings, config, ca
             executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
         try:
             for result in executor.imap_unordered(write_shard_task, tasks):
-                infos[result.info.name] = result.info
+                infos[result.info.name] = compact_shard_info(result.info)
                 report.shards_written += 1
                 report.bytes_written += result.info.size
                 progress.advance("pack", 1)

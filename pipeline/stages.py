@@ -481,12 +481,11 @@ def shard_info_to_dict(info) -> dict[str, Any]:
 
 
 def shard_info_from_dict(data: Mapping[str, Any]):
-    from shards.writer import SampleEntry, ShardInfo
+    """The ShardInfo of a pack-cache sidecar; its samples are a compact ``SampleEntryTable``
+    (a sequence of ``SampleEntry``), since the driver keeps one per shard of the corpus."""
+    from shards.writer import SampleEntryTable, ShardInfo
 
-    return ShardInfo(
-        name=data["name"], sha256=data["sha256"], size=int(data["size"]),
-        samples=[SampleEntry(key=k, offset=int(o), size=int(s), mask_count=int(m), mask_areas=tuple(int(a) for a in areas), source_hash=h) for k, o, s, m, areas, h in data["samples"]],
-    )
+    return ShardInfo(name=data["name"], sha256=data["sha256"], size=int(data["size"]), samples=SampleEntryTable.from_rows(data["samples"]))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -43,11 +43,16 @@ import numpy as np
 
 from anaus_core.errors import UserInputError
 from shards.sample import DEFAULT_SCALES, FORMAT_VERSION
-from shards.writer import SampleEntry, ShardInfo, _fsync_directory, atomic_replace, temporary_name
+from shards.writer import SampleEntry, SampleEntryTable, ShardInfo, _fsync_directory, atomic_replace, temporary_name
 
 INDEX_NAME = "index.zarr"
 MANIFEST_NAME = "manifest.json"
 _CHUNK_ROWS = 1 << 16
+
+
+def _entry_table(info: ShardInfo) -> SampleEntryTable:
+    samples = info.samples
+    return samples if isinstance(samples, SampleEntryTable) else SampleEntryTable.from_rows(samples)
 
 
 def _index_id(shards: Sequence[ShardInfo], scales: Sequence[int], fingerprints: Mapping[str, str]) -> str:
@@ -55,9 +60,27 @@ def _index_id(shards: Sequence[ShardInfo], scales: Sequence[int], fingerprints: 
     digest.update(json.dumps({"scales": list(scales), "fingerprints": dict(sorted(fingerprints.items()))}, sort_keys=True).encode())
     for info in shards:
         digest.update(f"{info.name}\0{info.sha256}\0{info.size}\0".encode())
-        for entry in info.samples:
-            digest.update(f"{entry.key}\0{entry.offset}\0{entry.size}\0".encode())
+        table = _entry_table(info)
+        for key, offset, size in zip(table.keys.tolist(), table.offsets.tolist(), table.sizes.tolist()):
+            digest.update(key + f"\0{offset}\0{size}\0".encode())
     return digest.hexdigest()
+
+
+def _check_unique_keys(shard_infos: Sequence[ShardInfo]) -> None:
+    """Keys must be unique across shards: one sort over the compact key columns (no per-key
+    Python objects)."""
+    tables = [_entry_table(info).keys for info in shard_infos]
+    if not tables or not sum(len(t) for t in tables):
+        return
+    keys = np.concatenate(tables)
+    order = np.argsort(keys, kind="stable")
+    same = np.flatnonzero(keys[order[1:]] == keys[order[:-1]])
+    if not len(same):
+        return
+    bounds = np.cumsum([len(t) for t in tables])
+    first, second = (int(np.searchsorted(bounds, order[same[0] + d], side="right")) for d in (0, 1))
+    key = keys[order[same[0]]].decode("utf-8")
+    raise ValueError(f"duplicate key {key!r} in {shard_infos[first].name} and {shard_infos[second].name}")
 
 
 def _check_final(out_dir: Path, info: ShardInfo) -> None:
@@ -71,6 +94,52 @@ def _check_final(out_dir: Path, info: ShardInfo) -> None:
         raise ValueError(f"{path}: {path.stat().st_size} bytes on disk, ShardInfo says {info.size}; refusing to index it")
 
 
+def _column_pieces(shard_infos: Sequence[ShardInfo], name: str):
+    """The per-shard pieces of one index column (compact numpy arrays)."""
+    area_base = 0
+    for number, info in enumerate(shard_infos):
+        table = _entry_table(info)
+        if name == "key":
+            yield table.keys
+        elif name == "source_hash":
+            yield table.source_hashes
+        elif name == "shard":
+            yield np.full(len(table), number, np.int32)
+        elif name == "offset":
+            yield table.offsets
+        elif name == "size":
+            yield table.sizes
+        elif name == "mask_count":
+            yield table.mask_counts
+        elif name == "mask_areas":
+            yield table.mask_areas
+        elif name == "mask_areas_start":
+            yield table.area_starts[:-1] + area_base
+            area_base += int(table.area_starts[-1])
+        else:  # pragma: no cover - internal
+            raise KeyError(name)
+    if name == "mask_areas_start":
+        yield np.array([area_base], np.int64)
+
+
+_COLUMN_DTYPES = {"shard": np.int32, "offset": np.int64, "size": np.int64, "mask_count": np.int32, "mask_areas": np.int64, "mask_areas_start": np.int64}
+
+
+def _write_column(group, name: str, shard_infos: Sequence[ShardInfo], length: int, text: bool) -> None:
+    """Create column ``name`` and fill it chunk by chunk: only this column is ever held whole
+    (compact bytes), and text is widened to numpy ``U`` one chunk at a time."""
+    pieces = [np.asarray(p) if text else np.asarray(p, _COLUMN_DTYPES[name]) for p in _column_pieces(shard_infos, name)]
+    values = np.concatenate(pieces) if pieces else np.zeros(0, "S1" if text else _COLUMN_DTYPES[name])
+    del pieces
+    assert len(values) == length, (name, len(values), length)
+    chunk = max(1, min(_CHUNK_ROWS, length))
+    dtype = str if text else values.dtype
+    array = group.create_array(name, shape=(length,), dtype=dtype, chunks=(chunk,))
+    for start in range(0, length, chunk):
+        block = values[start : start + chunk]
+        array[start : start + len(block)] = np.char.decode(block, "utf-8") if text else block
+
+
 def write_index(
     out_dir: str | os.PathLike,
     shard_infos: Sequence[ShardInfo],
@@ -81,47 +150,33 @@ def write_index(
     """Write ``index.zarr`` and ``manifest.json`` for ``shard_infos`` (in that order); return the index id.
 
     Every shard must already be final in ``out_dir``. Keys must be unique across shards.
+    ``ShardInfo.samples`` may be a list of ``SampleEntry`` or a compact
+    :class:`~shards.writer.SampleEntryTable` (what the precompute driver keeps); the columns
+    are built from compact per-shard arrays and written one column and one chunk at a time,
+    so no Python object per sample is created.
     """
     import zarr
 
     out_dir = Path(out_dir)
     fingerprints = {str(k): str(v) for k, v in (fingerprints or {}).items()}
     scales = [int(s) for s in scales]
-    seen: dict[str, str] = {}
     for info in shard_infos:
         _check_final(out_dir, info)
-        for entry in info.samples:
-            if entry.key in seen:
-                raise ValueError(f"duplicate key {entry.key!r} in {seen[entry.key]} and {info.name}")
-            seen[entry.key] = info.name
+    _check_unique_keys(shard_infos)
     names = [info.name for info in shard_infos]
     if len(set(names)) != len(names):
         raise ValueError("a shard is named twice")
 
-    entries = [(number, entry) for number, info in enumerate(shard_infos) for entry in info.samples]
-    count = len(entries)
-    area_starts = np.zeros(count + 1, np.int64)
-    np.cumsum([len(e.mask_areas) for _, e in entries], out=area_starts[1:])
-    columns: dict[str, np.ndarray] = {
-        "key": np.array([e.key for _, e in entries], dtype=str) if count else np.zeros(0, dtype=str),
-        "shard": np.array([n for n, _ in entries], np.int32),
-        "offset": np.array([e.offset for _, e in entries], np.int64),
-        "size": np.array([e.size for _, e in entries], np.int64),
-        "mask_count": np.array([e.mask_count for _, e in entries], np.int32),
-        "mask_areas": np.array([a for _, e in entries for a in e.mask_areas], np.int64),
-        "mask_areas_start": area_starts,
-        "source_hash": np.array([e.source_hash for _, e in entries], dtype=str) if count else np.zeros(0, dtype=str),
-    }
+    count = sum(len(info.samples) for info in shard_infos)
+    area_count = sum(int(_entry_table(info).area_starts[-1]) for info in shard_infos)
     index_id = _index_id(shard_infos, scales, fingerprints)
 
     final_index = out_dir / INDEX_NAME
     tmp_index = temporary_name(final_index)
     group = zarr.open_group(tmp_index, mode="w", zarr_format=3)
-    for name, values in columns.items():
-        dtype = str if values.dtype.kind in "UT" else values.dtype
-        array = group.create_array(name, shape=values.shape, dtype=dtype, chunks=(max(1, min(_CHUNK_ROWS, len(values))),))
-        if len(values):
-            array[:] = values
+    lengths = {"mask_areas": area_count, "mask_areas_start": count + 1}
+    for name in ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash"):
+        _write_column(group, name, shard_infos, lengths.get(name, count), name in ("key", "source_hash"))
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,

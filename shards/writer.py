@@ -65,6 +65,93 @@ class ShardInfo:
         return len(self.samples)
 
 
+class SampleEntryTable(Sequence[SampleEntry]):
+    """The sample entries of one shard as numpy columns (~130 bytes per sample instead of a
+    ~0.5 KiB ``SampleEntry`` object with its strings and tuple); a read-only sequence of
+    ``SampleEntry`` (materialised on access), so it can stand in for ``ShardInfo.samples``.
+
+    Columns: ``keys`` and ``source_hashes`` UTF-8 ``S`` arrays; ``offsets``, ``sizes``
+    int64; ``mask_counts`` int32; ``mask_areas`` flat int64 with ``area_starts`` (n + 1).
+    :func:`shards.index.write_index` reads the columns directly.
+    """
+
+    def __init__(self, *, keys, offsets, sizes, mask_counts, mask_areas, area_starts, source_hashes) -> None:
+        import numpy as np
+
+        self.keys = np.asarray(keys)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.sizes = np.asarray(sizes, np.int64)
+        self.mask_counts = np.asarray(mask_counts, np.int32)
+        self.mask_areas = np.asarray(mask_areas, np.int64)
+        self.area_starts = np.asarray(area_starts, np.int64)
+        self.source_hashes = np.asarray(source_hashes)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> "SampleEntryTable":
+        """From ``(key, offset, size, mask_count, mask_areas, source_hash)`` rows (SampleEntry
+        objects or the lists of a pack-cache sidecar)."""
+        import numpy as np
+
+        keys, offsets, sizes, counts, areas, starts, hashes = [], [], [], [], [], [0], []
+        for row in rows:
+            if isinstance(row, SampleEntry):
+                row = (row.key, row.offset, row.size, row.mask_count, row.mask_areas, row.source_hash)
+            key, offset, size, count, row_areas, source_hash = row
+            keys.append(str(key).encode("utf-8"))
+            offsets.append(int(offset))
+            sizes.append(int(size))
+            counts.append(int(count))
+            areas.extend(int(a) for a in row_areas)
+            starts.append(len(areas))
+            hashes.append(str(source_hash).encode("utf-8"))
+        return cls(
+            keys=np.array(keys, dtype="S") if keys else np.zeros(0, "S1"),
+            offsets=offsets, sizes=sizes, mask_counts=counts,
+            mask_areas=np.array(areas, np.int64), area_starts=starts,
+            source_hashes=np.array(hashes, dtype="S") if hashes else np.zeros(0, "S1"),
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _entry(self, row: int) -> SampleEntry:
+        return SampleEntry(
+            key=self.keys[row].decode("utf-8"),
+            offset=int(self.offsets[row]),
+            size=int(self.sizes[row]),
+            mask_count=int(self.mask_counts[row]),
+            mask_areas=tuple(int(a) for a in self.mask_areas[self.area_starts[row] : self.area_starts[row + 1]]),
+            source_hash=self.source_hashes[row].decode("utf-8"),
+        )
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._entry(row) for row in range(len(self))[index]]
+        row = range(len(self))[index]  # negative indexes and IndexError as for a list
+        return self._entry(row)
+
+    def __iter__(self):
+        for row in range(len(self)):
+            yield self._entry(row)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (SampleEntryTable, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SampleEntryTable({len(self)} samples)"
+
+
+def compact_shard_info(info: ShardInfo) -> ShardInfo:
+    """``info`` with its samples held as a :class:`SampleEntryTable` (same content)."""
+    if isinstance(info.samples, SampleEntryTable):
+        return info
+    return ShardInfo(name=info.name, sha256=info.sha256, size=info.size, samples=SampleEntryTable.from_rows(info.samples))
+
+
 def _fsync_directory(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -365,4 +452,4 @@ class ShardWriter:
             self.close()
 
 
-__all__ = ["SampleEntry", "ShardInfo", "ShardFileWriter", "ShardWriter", "write_shard", "atomic_replace", "temporary_name", "STORAGE_KEY"]
+__all__ = ["SampleEntry", "SampleEntryTable", "ShardInfo", "compact_shard_info", "ShardFileWriter", "ShardWriter", "write_shard", "atomic_replace", "temporary_name", "STORAGE_KEY"]

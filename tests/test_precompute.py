@@ -210,7 +210,7 @@ def test_added_edited_and_removed_images(phantom_corpus, tmp_path):
     report = run(make_config(images, out))
     assert computed(report) == {"ingest": 2, "mask": 2, "pyramid": 2}
     assert {s: report.stages[s].reused for s in report.stages} == {"ingest": 11, "mask": 11, "pyramid": 11}
-    assert 1 <= report.shards_written <= 3 and report.shards_reused >= len(before_shards) - 3
+    assert report.shards_written in (1, 2, 3) and report.shards_reused >= len(before_shards) - 3
     assert_consistent(out, phantom_keys(images))
     from shards.reader import ShardReader
 
