@@ -539,7 +539,7 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
 def demo_pretrain_config(shards_dir: Path, *, steps: int, seed: int = 0, batch_size: int = 8):
     """The demo's CPU-sized pre-training: 64 px views, K = 8, a 64-channel FPN, slimmer heads and
     blur than the paper's (which are for 224 px on GPUs), a short-schedule peak lr of 0.5 (the
-    setting of the phantom learning-signal experiment, docs/benchmarks/pretrain.md); everything
+    setting of the phantom learning-signal experiment, docs/benchmarks.md (pretrain)); everything
     else is the default AnaUS objective (multi-scale L_ana + L_ctx)."""
     from anaus_core.config import load_config
     from anaus_core.train import PretrainConfig

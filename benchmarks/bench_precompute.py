@@ -1,4 +1,4 @@
-"""Benchmarks of `anaus precompute-masks` (see docs/benchmarks/precompute.md).
+"""Benchmarks of `anaus precompute-masks` (see docs/benchmarks.md (precompute)).
 
     python3 benchmarks/bench_precompute.py            # full CPU run (a few minutes on 2 cores)
     python3 benchmarks/bench_precompute.py --quick    # small sizes, for CI / a smoke check

@@ -469,7 +469,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     # -- 1. plan ------------------------------------------------------------------------------
     # Per-source and per-sample facts go into compact columns (pipeline/sample_table.py), not
     # into one Python object per sample: these columns take ~350 bytes per sample (see
-    # docs/benchmarks/precompute.md for what else grows with the corpus).
+    # docs/benchmarks.md (precompute) for what else grows with the corpus).
     plan_start = time.perf_counter()
     stat_cache = StatCache(cache_root / STAT_CACHE_NAME if not config.dry_run else None)
     if config.dry_run and (cache_root / STAT_CACHE_NAME).exists():

@@ -13,7 +13,7 @@ the member name at the first dot, so keys never contain dots):
 Why label layers rather than one bit-plane per mask: masks from one source rarely overlap,
 so greedily packing non-overlapping masks into the same uint8 label map stores every shared
 boundary once instead of twice. On blob-like masks this is 40–50% smaller than compressed
-bit-planes (see docs/benchmarks/shards.md) and decodes to bit-identical masks. The exact
+bit-planes (see docs/benchmarks.md (shards)) and decodes to bit-identical masks. The exact
 byte layout is in docs/shard-format.md; numpy plus a zstd (or zlib) decompressor decodes it.
 """
 
@@ -35,7 +35,7 @@ from anaus_core.maskset import MaskSet
 FORMAT_VERSION = 1
 DEFAULT_SCALES: tuple[int, ...] = (7, 14, 28, 56)
 #: zstd level of masks.bin and pyramid.bin. 7 keeps 16 fragmented masks under 16 KB (level 3
-#: does not) at a fifth of the encode time of level 12 (docs/benchmarks/shards.md).
+#: does not) at a fifth of the encode time of level 12 (docs/benchmarks.md (shards)).
 DEFAULT_COMPRESSION_LEVEL = 7
 #: zlib level of the stored PNG; 0 stores the pixels uncompressed. With the "sub" filter any
 #: level from 1 to 9 gives the same bytes (Huffman-only deflate has no level).
@@ -417,7 +417,7 @@ def encode_image(image: np.ndarray, *, compress_level: int = DEFAULT_PNG_COMPRES
     itself, often Paeth, whose reversal is the slowest part of decoding, and offers no way to
     pick one. On ultrasound speckle LZ77 matching finds almost nothing, so Sub + Huffman is
     within 4% of Pillow level 6 in size, encodes ~8x faster and decodes ~25% faster
-    (docs/benchmarks/shards.md). ``png_filter="adaptive"`` uses Pillow at ``compress_level``.
+    (docs/benchmarks.md (shards)). ``png_filter="adaptive"`` uses Pillow at ``compress_level``.
     ``compress_level`` 0 stores the pixels uncompressed: larger, but it decodes faster still.
     """
     image = np.asarray(image)
