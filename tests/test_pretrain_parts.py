@@ -82,6 +82,24 @@ def test_rng_state_roundtrip_through_checkpoint(tmp_path):
     assert resolve_resume_path(None, tmp_path) is None
 
 
+@pytest.mark.gpu
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_cuda(tmp_path):
+    # the trainer loads checkpoints with map_location=<training device>; the generator states
+    # then arrive as CUDA tensors (a resumed CUDA run failed on exactly this)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3), torch.cuda.manual_seed_all(4)
+    state = capture_rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())),
+                float(torch.rand((), device="cuda")))
+    last = save_checkpoint({"format": "anaus-pretrain-checkpoint", "version": 1, "step": 1,
+                            "rng": state, "model": {}}, tmp_path / "checkpoints", step=1)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9), torch.cuda.manual_seed_all(9)
+    loaded = load_checkpoint(last, map_location="cuda")
+    assert loaded["rng"]["numpy"]["keys"].device.type == "cuda"
+    restore_rng_state(loaded["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(())),
+            float(torch.rand((), device="cuda"))) == expected
+
+
 def test_load_checkpoint_rejects_foreign_and_truncated(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)

@@ -60,15 +60,19 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``; a CUDA state is restored only where CUDA exists."""
+    """Inverse of ``capture_rng_state``; a CUDA state is restored only where CUDA exists.
+
+    Generator states are host data: a checkpoint loaded with ``map_location="cuda"`` carries
+    them as CUDA tensors, so every tensor is brought back to the CPU first.
+    """
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+    np.random.set_state((npst["name"], npst["keys"].cpu().numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        cuda_states = [s.cpu() for s in state["cuda"][: torch.cuda.device_count()]]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
 
