@@ -35,10 +35,18 @@ class CacheEntryError(Exception):
 
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], *, fsync: bool = True) -> None:
-    """Like :func:`atomic_write_bytes` for data produced piece by piece (never held whole)."""
+    """Write ``chunks`` to ``path`` via a temporary file in the same directory and ``os.replace``,
+    so a reader (or a killed run) sees the old file or the whole new one, never a part.
+
+    Temporary names contain ``.tmp-`` and never end in ``.tar``, so they are never taken for
+    shards or entries. The data may be produced piece by piece (never held whole).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
+    except FileNotFoundError:  # first entry in this folder (cheaper than mkdir on every write)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
@@ -56,30 +64,8 @@ def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], *, fsync: boo
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``.
-
-    Temporary names contain ``.tmp-`` and never end in ``.tar``, so they are never taken for
-    shards or entries.
-    """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
-    except FileNotFoundError:  # first entry in this folder (cheaper than mkdir on every write)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """:func:`atomic_write_chunks` for data already in memory."""
+    atomic_write_chunks(path, (data,), fsync=fsync)
 
 
 def encode_entry(meta: Mapping[str, Any], sections: Mapping[str, bytes]) -> bytes:
