@@ -685,10 +685,12 @@ def _pyramid_shape_problems(count: int, pyramid: Mapping[int, np.ndarray]) -> li
 def record_problems(sample: ShardSample, storage: Mapping[str, Any] | None = None, *, recompute_areas: bool = True) -> list[str]:
     """Record-vs-arrays checks: shapes, mask count, scales and (``recompute_areas``) the areas
     counted on the masks themselves rather than taken from MaskSet's cache."""
-    problems: list[str] = []
-    height, width = sample.image.shape
-    if sample.mask_set.shape != (height, width):
-        problems.append(f"masks are {sample.mask_set.shape}, image is {(height, width)}")
+    if storage is not None:
+        problems = header_problems(sample, storage)
+    else:
+        height, width = sample.image.shape
+        problems = [] if sample.mask_set.shape == (height, width) else [f"masks are {sample.mask_set.shape}, image is {(height, width)}"]
+        problems += _pyramid_shape_problems(len(sample.mask_set), sample.mask_pyramid)
     mask_records = sample.record.get("masks", [])
     masks = sample.mask_set.masks
     areas = np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1) if recompute_areas and masks.size else sample.mask_set.areas
@@ -699,16 +701,6 @@ def record_problems(sample: ShardSample, storage: Mapping[str, Any] | None = Non
             if int(entry.get("area", -1)) != int(area):
                 problems.append(f"mask {index} (id {entry.get('id')}): record area {entry.get('area')} != {int(area)} pixels")
                 break
-    for s, level in sample.mask_pyramid.items():
-        if level.shape != (len(sample.mask_set), s, s):
-            problems.append(f"pyramid level {s} has shape {level.shape}, expected {(len(sample.mask_set), s, s)}")
-    if storage is not None:
-        if list(storage.get("image_shape", [])) != [height, width]:
-            problems.append(f"record image_shape {storage.get('image_shape')} != stored image {[height, width]}")
-        if storage.get("mask_count") != len(sample.mask_set):
-            problems.append(f"record mask_count {storage.get('mask_count')} != {len(sample.mask_set)} stored masks")
-        if list(storage.get("scales", [])) != list(sample.mask_pyramid):
-            problems.append(f"record scales {storage.get('scales')} != stored scales {list(sample.mask_pyramid)}")
     return problems
 
 
