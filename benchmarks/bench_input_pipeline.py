@@ -7,15 +7,23 @@ Measured side by side in one run, one process, torch at one thread (medians of r
 
 (a) raw decode limit: plain ``wds.WebDataset`` over the shards + the decode the pipeline uses,
     ``shards.stream.decode_training_sample`` (PNG image + label layers + pyramid + ids, crc
-    checks) — the denominator of every ratio; (a2) the same with the store's general decode,
-    ``shards.sample.decode_sample`` (also expands every mask into a boolean plane), for reference;
+    checks) — the denominator of the first ratio column; (a2) the same with the store's general
+    decode, ``shards.sample.decode_sample`` (also expands every mask into a boolean plane), for
+    reference; (a3) the store's own tar scanner (``shards.reader.iter_raw_samples``, faster than
+    webdataset's) + ``decode_training_sample``: the stricter denominator of the second column;
+    (a4)/(aw) the (a3) read + decode delivered as collated batches (image, all label layers,
+    ids, finest pyramid level; one buffer per batch, layers decompressed into it) with 0 / 1
+    DataLoader worker: what handing over decoded batches costs by itself; (aw) is the
+    denominator of the third column, for the 1-worker variants (both sides pay the same
+    shared-memory hand-off);
 (b) the full pipeline, ``build_pretrain_loader`` with ``num_workers=0`` (read + decode + views +
     mask sampling + collate), stream and indexed modes, with the view geometry in the worker
     (``ViewConfig(geometry="worker")``: resized crops, mask warping/packing, core crop) and on
     the device (``geometry="device"``: the worker only draws boxes/ids and ships the image and
     label layers);
 (c) the same, indexed mode, with ``num_workers=1``: steady state from the first batch on (adds
-    batch IPC through shared memory; worker start-up is excluded);
+    batch IPC through shared memory; worker start-up is excluded); also stream mode for device
+    geometry (the trainer's default ``shuffle_buffer`` is 1024: stream mode);
 (d) device side on the CPU: ``prepare_batch`` (batched BYOL photometrics, unpack, normalise) vs
     torchvision v2 per-image photometric transforms on the same images; and ``prepare_batch``
     on a device-geometry batch (adds the batched crops/resizes there).
@@ -69,6 +77,92 @@ def raw_decode(urls: list[str], decode) -> tuple[int, float]:
     return count, time.perf_counter() - start
 
 
+def raw_decode_fast_reader(urls: list[str], decode) -> tuple[int, float]:
+    """(samples, seconds) of reading every sample with the shard store's own tar scanner
+    (``shards.reader.iter_raw_samples``, faster than webdataset's) + decoding it."""
+    from shards.reader import iter_raw_samples
+
+    start = time.perf_counter()
+    count = 0
+    for url in urls:
+        for raw in iter_raw_samples(url):
+            decode(raw.as_webdataset_dict(url))
+            count += 1
+    return count, time.perf_counter() - start
+
+
+def collate_decoded(raws: list, numbers) -> dict[str, torch.Tensor]:
+    """Decoded samples (image, all label layers, layer of each mask, ids, finest pyramid level)
+    as one batch, built as the pipeline builds its device-geometry batches: one buffer per batch
+    (shared memory in a worker), layers decompressed straight into it."""
+    from anaus_core.augment.batch import padded_ids, place_layers_on_canvas, place_on_canvas
+    from anaus_core.augment.collate import alloc_batch
+    from shards.stream import decode_training_sample, peek_training_shape
+
+    shapes = [peek_training_shape(raw) for raw in raws]
+    batch, height, width = len(raws), max(s[0] for s in shapes), max(s[1] for s in shapes)
+    layers_max = max(s[2] for s in shapes)
+    out = alloc_batch({"image": ((batch, 1, height, width), torch.uint8),
+                       "mask_layers": ((batch, layers_max, height, width), torch.uint8)})
+    images, layers = out["image"].numpy(), out["mask_layers"].numpy()
+    decoded = []
+    for row, (raw, (h, w, count, _)) in enumerate(zip(raws, shapes)):
+        target = layers[row, :count] if (h, w) == (height, width) else None
+        sample = decode_training_sample(raw, layers_out=target)
+        place_on_canvas(images[row, 0], sample.image)
+        in_place = target is not None and sample.mask_layers.layers is target
+        place_layers_on_canvas(layers[row], None if in_place else sample.mask_layers.layers, count, h, w)
+        decoded.append(sample)
+    most = max(len(s.mask_ids) for s in decoded)
+    grid = decoded[0].area_grid.shape[1:]
+    extra = alloc_batch({"mask_ids": ((batch, most), torch.int64), "layer_of_mask": ((batch, most), torch.int64),
+                         "area_grid": ((batch, most) + grid, torch.uint8), "index": ((batch,), torch.int64)})
+    extra["mask_ids"].numpy()[:] = padded_ids([s.mask_ids for s in decoded], most)
+    extra["layer_of_mask"].numpy()[:] = padded_ids([s.mask_layers.layer_of_mask for s in decoded], most)
+    grids = extra["area_grid"].numpy()
+    for row, sample in enumerate(decoded):
+        grids[row, :len(sample.area_grid)] = sample.area_grid
+        grids[row, len(sample.area_grid):] = 0
+    extra["index"].numpy()[:] = numbers
+    out.update(extra)
+    return out
+
+
+class RawDecodeBatches(torch.utils.data.IterableDataset):
+    """The (a3) raw decode delivered as batches: the store's tar reader + ``decode_training_sample``,
+    collated by ``collate_decoded``; the denominator of the DataLoader-worker variants (c)."""
+
+    def __init__(self, urls: list[str], batch: int) -> None:
+        super().__init__()
+        self.urls, self.batch = urls, batch
+
+    def __iter__(self):
+        from shards.reader import iter_raw_samples
+
+        raws, numbers = [], []
+        every = (raw.as_webdataset_dict(url) for url in self.urls for raw in iter_raw_samples(url))
+        for number, raw in enumerate(every):
+            raws.append(raw)
+            numbers.append(number)
+            if len(raws) == self.batch:
+                yield collate_decoded(raws, numbers)
+                raws, numbers = [], []
+
+
+def raw_decode_batches(urls: list[str], *, batch: int, workers: int) -> tuple[int, float]:
+    """(samples, seconds) of ``RawDecodeBatches`` through a DataLoader; with workers, steady
+    state from the first batch on, as ``full_pipeline``."""
+    start = time.perf_counter()
+    count = 0
+    loader = torch.utils.data.DataLoader(RawDecodeBatches(urls, batch), batch_size=None, num_workers=workers)
+    for index, item in enumerate(loader):
+        if workers and index == 0:
+            start = time.perf_counter()
+            continue
+        count += int(item["index"].shape[0])
+    return count, time.perf_counter() - start
+
+
 def full_pipeline(store, *, batch: int, workers: int, shuffle_buffer: int, geometry: str = "worker") -> tuple[int, float]:
     """(samples, seconds) of one epoch through the loader. With workers, the clock starts when the
     first batch arrives (steady state: worker start-up, ~0.5 s here, is a once-per-epoch cost
@@ -108,6 +202,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="device for (d) prepare_batch, e.g. cuda")
     parser.add_argument("--no-workers", action="store_true", help="skip the 1-worker variants (c)")
+    parser.add_argument("--geometries", default="worker,device", help="view geometries of (b)/(c), comma-separated")
     args = parser.parse_args()
     samples, repeats = (60, 2) if args.quick else (args.samples, args.repeats)
     torch.set_num_threads(1)
@@ -135,8 +230,13 @@ def main() -> None:
         variants = [
             ("(a) raw decode limit (wds + decode_training_sample)", samples, lambda: raw_decode(urls, decode_training_sample)),
             ("(a2) raw decode, store's decode_sample", samples, lambda: raw_decode(urls, decode_sample)),
+            ("(a3) raw decode, store's tar reader", samples, lambda: raw_decode_fast_reader(urls, decode_training_sample)),
+            ("(a4) (a3) as collated batches, 0 workers", used, lambda: raw_decode_batches(urls, batch=args.batch, workers=0)),
         ]
-        for geometry in ("worker", "device"):
+        if not args.no_workers:
+            variants.append(("(aw) (a3) as collated batches, 1 worker", used,
+                             lambda: raw_decode_batches(urls, batch=args.batch, workers=1)))
+        for geometry in args.geometries.split(","):
             variants += [
                 (f"(b) {geometry} geometry, stream, 0 workers", used,
                  lambda g=geometry: full_pipeline(source, batch=args.batch, workers=0, shuffle_buffer=256, geometry=g)),
@@ -146,8 +246,12 @@ def main() -> None:
             if not args.no_workers:
                 variants.append((f"(c) {geometry} geometry, indexed, 1 worker", used,
                                  lambda g=geometry: full_pipeline(source, batch=args.batch, workers=1, shuffle_buffer=0, geometry=g)))
+                if geometry == "device":
+                    variants.append((f"(c) {geometry} geometry, stream, 1 worker", used,
+                                     lambda g=geometry: full_pipeline(source, batch=args.batch, workers=1, shuffle_buffer=256,
+                                                                      geometry=g)))
         # Repeats are interleaved (a, b, b, c, a, b, ...) so that load drift on a shared machine
-        # hits every variant alike; the ratio is taken between medians.
+        # hits every variant alike.
         rates: dict[str, list[float]] = {label: [] for label, _, _ in variants}
         for _ in range(repeats):
             for label, _, run in variants:
@@ -155,15 +259,25 @@ def main() -> None:
                 rates[label].append(count / seconds)
         # The ratio is the median over repeats of (variant rate / decode rate of the same repeat):
         # the two ran seconds apart, so load swings on a shared machine mostly cancel.
-        raw_rates = rates[variants[0][0]]
+        # Two more columns: against (a3), the fastest sequential read + decode of this machine,
+        # and, for the 1-worker variants, against (aw): the raw decode delivered through one
+        # DataLoader worker as collated batches (the same shared-memory hand-off).
+        def ratio_to(label: str, reference: str) -> float:
+            return statistics.median(r / a for r, a in zip(rates[label], rates[reference]))
+
+        references = [label for label, _, _ in variants]
+        to_a, to_a3 = references[0], references[2]
+        to_worker = next((label for label in references if label.startswith("(aw)")), None)
         for label, _, _ in variants:
-            ratio = statistics.median(r / a for r, a in zip(rates[label], raw_rates))
-            rows.append((label, statistics.median(rates[label]), ratio))
+            by_worker = ratio_to(label, to_worker) if to_worker and "1 worker" in label else float("nan")
+            rows.append((label, statistics.median(rates[label]), ratio_to(label, to_a), ratio_to(label, to_a3), by_worker))
 
         print(f"input pipeline: {samples} samples 256×320, 16 masks, S=224, K=16, batch {args.batch}, "
-              f"median of {repeats}, torch threads 1")
-        for label, rate, ratio in rows:
-            print(f"  {label:<52s} {rate:8.1f} samples/s   ratio to (a) {ratio:5.2f} (median of per-repeat ratios)")
+              f"median of {repeats}, torch threads 1; ratios = median over repeats of per-repeat ratios")
+        print(f"  {'variant':<52s} {'samples/s':>9s}   {'/(a)':>5s} {'/(a3)':>5s} {'/(aw)':>5s}")
+        for label, rate, ratio, ratio_a3, ratio_w in rows:
+            worker = f"{ratio_w:5.2f}" if ratio_w == ratio_w else "    -"
+            print(f"  {label:<52s} {rate:9.1f}   {ratio:5.2f} {ratio_a3:5.2f} {worker}")
 
         # (d) device side on the CPU
         from anaus_core.augment.device import prepare_batch

@@ -316,6 +316,7 @@ def main() -> None:
     parser.add_argument("--noop-samples", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write all figures here")
     parser.add_argument("--skip-maskers", action="store_true", help="only the no-op and memory sections")
+    parser.add_argument("--memory-sizes", type=int, nargs="+", default=None, help="corpus sizes of the memory section (default 1000 4000 10000)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sam-spec", default="vit_b")
     parser.add_argument("--gpu-samples", type=int, default=96)
@@ -343,9 +344,9 @@ def main() -> None:
                     sam_size=128 if args.quick else 256, sam_points=8,
                 )
             noop = args.noop_samples or (1000 if args.quick else 10_000)
-            sizes = [250, 1000] if args.quick else [1000, 4000, 10_000]
+            sizes = args.memory_sizes or ([250, 1000] if args.quick else [1000, 4000, 10_000])
             print(f"== 2./3. no-op re-run over {noop} samples; peak RSS vs corpus size")
-            results.update(bench_memory_and_noop(work, sizes=[s for s in sizes if s <= noop] or [noop], noop_samples=noop, repeats=repeats))
+            results.update(bench_memory_and_noop(work, sizes=sizes, noop_samples=noop, repeats=repeats))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     finally:

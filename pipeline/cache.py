@@ -23,7 +23,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Container, Iterable, Iterator, Mapping
 
 MAGIC = b"ANAUSC01"
 TEMP_MARK = ".tmp-"
@@ -41,12 +41,15 @@ def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], *, fsync: boo
     Temporary names contain ``.tmp-`` and never end in ``.tar``, so they are never taken for
     shards or entries. The data may be produced piece by piece (never held whole).
     """
-    path = Path(path)
+    # Strings, not Path: called per cache entry, and pathlib interns every name it parses.
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    folder = folder or "."
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + TEMP_MARK, suffix=".part")
     except FileNotFoundError:  # first entry in this folder (cheaper than mkdir on every write)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TEMP_MARK, suffix=".part")
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + TEMP_MARK, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
@@ -80,7 +83,7 @@ def encode_entry(meta: Mapping[str, Any], sections: Mapping[str, bytes]) -> byte
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *sections.values()])
 
 
-def _parse_header(data: bytes, path: Path) -> tuple[dict, int]:
+def _parse_header(data: bytes, path: str | Path) -> tuple[dict, int]:
     if len(data) < 12 or data[:8] != MAGIC:
         raise CacheEntryError(f"{path}: not a cache entry")
     (length,) = struct.unpack("<I", data[8:12])
@@ -94,7 +97,7 @@ def _parse_header(data: bytes, path: Path) -> tuple[dict, int]:
 
 
 def decode_entry(data: bytes, path: Path | str = "<bytes>") -> tuple[dict, dict[str, bytes]]:
-    header, start = _parse_header(data, Path(path))
+    header, start = _parse_header(data, path)
     payload = memoryview(data)[start:]
     if len(payload) != header.get("payload_size", len(payload)) or zlib.crc32(payload) != header.get("payload_crc32", zlib.crc32(payload)):
         raise CacheEntryError(f"{path}: damaged entry (payload size or crc32 mismatch)")
@@ -162,7 +165,7 @@ class StageCache:
                 (length,) = struct.unpack("<I", data[8:12])
                 if 12 + length > len(data):
                     data += handle.read(12 + length - len(data))
-        header, _ = _parse_header(data, Path(path))
+        header, _ = _parse_header(data, path)
         return header["meta"]
 
     # -- cached failures --------------------------------------------------------------------
@@ -177,13 +180,14 @@ class StageCache:
             return None
 
     # -- maintenance ------------------------------------------------------------------------
-    def garbage_collect(self, referenced: Mapping[str, Iterable[str]]) -> tuple[int, int]:
+    def garbage_collect(self, referenced: Mapping[str, Iterable[str] | Container[str]]) -> tuple[int, int]:
         """Delete entries (and cached failures) of ``stage`` whose fingerprint is not in
-        ``referenced[stage]``; stages missing from ``referenced`` are left alone.
+        ``referenced[stage]``; stages missing from ``referenced`` are left alone. A value may be
+        any container (``fp in value``, e.g. a database lookup) or an iterable of fingerprints.
         Returns (files removed, bytes freed)."""
         removed = freed = 0
         for stage, fps in referenced.items():
-            keep = set(fps)
+            keep = fps if isinstance(fps, Container) and not isinstance(fps, Iterator) else set(fps)
             for base in (self.root / stage, self.root / "failed" / stage):
                 if not base.is_dir():
                     continue

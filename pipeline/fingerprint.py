@@ -29,11 +29,9 @@ import json
 import math
 import os
 import time
-from array import array
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 
 INGEST_CODE_VERSION = 1
 MASK_CODE_VERSION = 1
@@ -143,129 +141,77 @@ class StatCache:
     is within ``racy_window_ns`` of the moment it was hashed is not trusted (the file may have
     been rewritten within the filesystem's timestamp granularity), so it is re-hashed next time.
 
-    The cache is a JSON file (``{"version": 1, "entries": {path: [size, mtime_ns, inode,
-    sha256, hashed_at_ns]}}``) written atomically by :meth:`save`; losing it (crash before save)
-    only costs re-hashing. In memory it is columnar, not one dict entry per file (~0.4 KiB
-    each): the loaded entries as a sorted ``S`` array of paths (looked up by binary search),
-    an int64 (n, 4) stat table and raw 32-byte digests; files hashed in this session are
-    appended to similar columns (~100 bytes + path each) and merged in on :meth:`save`.
-    A path hashed twice in one session is hashed twice (the driver asks once per file).
+    Stored in a SQLite file (``pipeline/sqlite_store.py``; table ``stat``: path, size,
+    mtime_ns, inode, sha256, hashed_at_ns), looked up one path at a time, so memory does not
+    grow with the number of files. Each hash is written as it is made; :meth:`save` commits
+    (and drops entries not in ``keep``). Losing or damaging the file only costs re-hashing.
+    ``path=None``: nothing is remembered (every call hashes). ``readonly=True`` (dry runs):
+    entries are read, never written.
     """
 
-    def __init__(self, path: str | Path | None, *, racy_window_ns: int = 2_000_000_000) -> None:
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS stat (
+            path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER,
+            sha256 BLOB, hashed_at_ns INTEGER
+        ) WITHOUT ROWID;
+    """
+    COMMIT_EVERY = 1000
+
+    def __init__(self, path: str | Path | None, *, racy_window_ns: int = 2_000_000_000, readonly: bool = False) -> None:
+        from pipeline.sqlite_store import open_cache_database
+
         self.path = Path(path) if path is not None else None
         self.racy_window_ns = racy_window_ns
+        self.readonly = readonly
         self.hashed = 0
         self.reused = 0
-        self._dirty = False
-        self._paths = np.zeros(0, "S1")  # loaded entries, sorted by path (UTF-8 bytes)
-        self._stats = np.zeros((0, 4), np.int64)  # size, mtime_ns, inode, hashed_at_ns
-        self._digests = np.zeros(0, "S32")
-        self._new_paths: list[bytes] = []
-        self._new_stats = array("q")
-        self._new_digests = bytearray()
-        if self.path is not None and self.path.exists():
-            try:
-                self._load(json.loads(self.path.read_text()).get("entries", {}))
-            except (ValueError, TypeError, OSError, AttributeError):
-                self._paths, self._stats, self._digests = np.zeros(0, "S1"), np.zeros((0, 4), np.int64), np.zeros(0, "S32")  # a damaged stat cache is only a lost optimisation
-
-    def _load(self, entries: dict) -> None:
-        count = len(entries)
-        paths = np.array([_path_bytes(k) for k in entries], dtype="S") if count else np.zeros(0, "S1")
-        stats = np.empty((count, 4), np.int64)
-        digests = bytearray()
-        for row, (size, mtime_ns, inode, sha256, hashed_at_ns) in enumerate(entries.values()):
-            stats[row] = (size, mtime_ns, inode, hashed_at_ns)
-            digest = bytes.fromhex(sha256)
-            if len(digest) != 32:
-                raise ValueError("not a sha256")
-            digests += digest
-        order = np.argsort(paths, kind="stable")
-        self._paths, self._stats = paths[order], stats[order]
-        self._digests = np.frombuffer(bytes(digests), "S32")[order] if count else np.zeros(0, "S32")
+        self._db = open_cache_database(self.path, self.SCHEMA, readonly=readonly) if self.path is not None else None
 
     def __len__(self) -> int:
-        return len(self._paths) + len(self._new_paths)
-
-    def _loaded_row(self, key: bytes) -> int | None:
-        row = int(np.searchsorted(self._paths, key))
-        if row < len(self._paths) and self._paths[row] == key:
-            return row
-        return None
+        if self._db is None:
+            return 0
+        return int(self._db.execute("SELECT count(*) FROM stat").fetchone()[0])
 
     def sha256(self, path: str | Path) -> str:
         """sha256 of the file's bytes, from the cache when its stat is unchanged."""
         path = os.fspath(path)
         stat = os.stat(path)
         key = _path_bytes(path)
-        row = self._loaded_row(key)
-        if row is not None:
-            size, mtime_ns, inode, hashed_at_ns = self._stats[row].tolist()
-            if size == stat.st_size and mtime_ns == stat.st_mtime_ns and inode == stat.st_ino and stat.st_mtime_ns < hashed_at_ns - self.racy_window_ns:
-                self.reused += 1
-                return _digest_hex(self._digests[row])
+        if self._db is not None:
+            row = self._db.execute("SELECT size, mtime_ns, inode, sha256, hashed_at_ns FROM stat WHERE path = ?", (key,)).fetchone()
+            if row is not None:
+                size, mtime_ns, inode, digest, hashed_at_ns = row
+                if size == stat.st_size and mtime_ns == stat.st_mtime_ns and inode == stat.st_ino and stat.st_mtime_ns < hashed_at_ns - self.racy_window_ns:
+                    self.reused += 1
+                    return bytes(digest).hex()
         hashed_at = time.time_ns()
         digest = file_sha256(path)
-        self._new_paths.append(key)
-        self._new_stats.extend((stat.st_size, stat.st_mtime_ns, stat.st_ino, hashed_at))
-        self._new_digests += bytes.fromhex(digest)
         self.hashed += 1
-        self._dirty = True
+        if self._db is not None and not self.readonly:
+            self._db.execute(
+                "INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?)",
+                (key, stat.st_size, stat.st_mtime_ns, stat.st_ino, bytes.fromhex(digest), hashed_at),
+            )
+            if self.hashed % self.COMMIT_EVERY == 0:  # a killed run keeps most of its hashing
+                self._db.commit()
         return digest
 
     def save(self, keep: Iterable[str] | None = None) -> None:
-        """Write the cache atomically; ``keep`` (paths) drops entries of files no longer used."""
-        if self.path is None:
+        """Commit; ``keep`` (paths, streamed) drops the entries of files no longer used."""
+        if self._db is None or self.readonly:
             return
-        new_paths = np.array(self._new_paths, dtype="S") if self._new_paths else np.zeros(0, "S1")
-        new_stats = np.frombuffer(self._new_stats, np.int64).reshape(-1, 4) if len(self._new_stats) else np.zeros((0, 4), np.int64)
-        new_digests = np.frombuffer(bytes(self._new_digests), "S32") if self._new_digests else np.zeros(0, "S32")
-        # The last hash of a path wins; a loaded entry that was re-hashed is replaced.
-        last = np.ones(len(new_paths), bool)
-        if len(new_paths) > 1:
-            reversed_unique = np.unique(new_paths[::-1], return_index=True)[1]
-            last[:] = False
-            last[len(new_paths) - 1 - reversed_unique] = True
-        keep_loaded = ~np.isin(self._paths, new_paths) if len(new_paths) else np.ones(len(self._paths), bool)
         if keep is not None:
-            keep_paths = [_path_bytes(os.fspath(p)) for p in keep]
-            keep_array = np.array(keep_paths, dtype="S") if keep_paths else np.zeros(0, "S1")
-            del keep_paths
-            in_keep_loaded = np.isin(self._paths, keep_array)
-            self._dirty |= bool((~in_keep_loaded & keep_loaded).any())
-            keep_loaded &= in_keep_loaded
-            last &= np.isin(new_paths, keep_array)
-        if not self._dirty:
-            return
-        from pipeline.cache import atomic_write_chunks
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS keep (path BLOB PRIMARY KEY) WITHOUT ROWID")
+            self._db.execute("DELETE FROM temp.keep")
+            self._db.executemany("INSERT OR IGNORE INTO temp.keep VALUES (?)", ((_path_bytes(os.fspath(p)),) for p in keep))
+            self._db.execute("DELETE FROM stat WHERE path NOT IN (SELECT path FROM temp.keep)")
+            self._db.execute("DELETE FROM temp.keep")
+        self._db.commit()
 
-        def rows(paths, stats, digests, mask):
-            for row in np.flatnonzero(mask).tolist():
-                size, mtime_ns, inode, hashed_at_ns = stats[row].tolist()
-                name = paths[row].decode("utf-8", "surrogateescape")
-                yield f"{json.dumps(name)}:[{size},{mtime_ns},{inode},\"{_digest_hex(digests[row])}\",{hashed_at_ns}]"
-
-        def chunks():
-            yield b'{"version":1,"entries":{'
-            first = True
-            for text in _chain(rows(self._paths, self._stats, self._digests, keep_loaded), rows(new_paths, new_stats, new_digests, last)):
-                yield (text if first else "," + text).encode("utf-8", "surrogateescape")
-                first = False
-            yield b"}}"
-
-        atomic_write_chunks(self.path, chunks())
-        self._dirty = False
-
-
-def _chain(*iterables):
-    for iterable in iterables:
-        yield from iterable
-
-
-def _digest_hex(digest: bytes) -> str:
-    # numpy ``S`` items drop trailing NUL bytes; a digest may end in zeros.
-    return bytes(digest).ljust(32, b"\0").hex()
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 def _path_bytes(path: str) -> bytes:

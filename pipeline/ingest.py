@@ -256,6 +256,83 @@ def _read_list_file(list_file: Path) -> SourceList:
     return SourceList(root, relpaths, outside)
 
 
+def iter_source_files(corpus: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """The sources of :func:`discover_sources` as ``(path, relpath)`` strings, streamed: nothing
+    per file is held, so the precompute driver's memory does not grow with the corpus.
+
+    Same files as :func:`discover_sources`, but a folder is yielded in walk order (folders and
+    file names sorted, each folder's files before its subfolders) rather than globally sorted,
+    and a list file's entries may repeat (the caller drops repeated relpaths). Errors about the
+    corpus itself (missing, unreadable or not UTF-8 list file) are raised here, before the
+    first item, as ``UserInputError``.
+    """
+    corpus_path = Path(corpus)
+    if not corpus_path.exists():
+        raise UserInputError(f"{corpus_path}: corpus not found (give a folder or a list file)")
+    if corpus_path.is_dir():
+        return _walk_folder(os.fspath(corpus_path))
+    if corpus_path.suffix.lower() in MEDIA_EXTENSIONS:
+        return iter([(os.fspath(corpus_path), corpus_path.name)])
+    _check_list_file(corpus_path)
+    return _list_entries(corpus_path)
+
+
+def _is_media_path(path: str) -> bool:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in MEDIA_EXTENSIONS:
+        return True
+    return suffix in ("", ".") and _is_dicom_by_magic(Path(path))
+
+
+def _walk_folder(root: str) -> Iterator[tuple[str, str]]:
+    visited: set[str] = set()  # real folders seen (symlink cycles); grows with folders, not files
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.startswith("."):
+                continue
+            path = os.path.join(dirpath, filename)
+            if os.path.isfile(path) and _is_media_path(path):
+                yield path, os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _check_list_file(list_file: Path) -> None:
+    """Read the list once, in blocks, to fail early (one line) on a file that is not text."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(list_file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserInputError(f"{list_file}: not a folder, a media file or a text list of paths") from None
+    except OSError as exc:
+        raise UserInputError(f"{list_file}: cannot read list file ({exc.strerror or exc})") from None
+
+
+def _list_entries(list_file: Path) -> Iterator[tuple[str, str]]:
+    root = os.fspath(list_file.resolve().parent)
+    with open(list_file, encoding="utf-8") as handle:
+        for line in handle:
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            given = os.path.expanduser(entry)
+            path = os.path.normpath(given if os.path.isabs(given) else os.path.join(root, given))
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                yield path, os.path.relpath(path, root).replace(os.sep, "/")
+            else:
+                # Outside the list's folder: the absolute path (without its root) is the relpath.
+                yield path, path.replace(os.sep, "/").lstrip("/")
+
+
 # -- hashing ---------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, streamed."""

@@ -24,15 +24,12 @@ import hashlib
 import json
 import os
 import time
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from anaus_core.errors import UserInputError
-from pipeline.cache import CacheEntryError, StageCache, clean_stale_temps
+from pipeline.cache import TEMP_MARK, CacheEntryError, StageCache, clean_stale_temps
 from pipeline.config import PrecomputeConfig
 from pipeline.executors import make_executor
 from pipeline.faults import fault_point
@@ -66,13 +63,14 @@ from pipeline.stages import (
     shard_info_from_dict,
     write_shard_task,
 )
-from pipeline.sample_table import SampleTable, SourceTable, StringColumn
+from pipeline.sample_table import RunTables
 
 CACHE_DIR = "cache"
 ERRORS_NAME = "errors.jsonl"
 REPORT_NAME = "report.json"
-STAT_CACHE_NAME = "stat-cache.json"
-MEMO_NAME = "plan-memo.json"
+STAT_CACHE_NAME = "stat-cache.sqlite"
+MEMO_NAME = "plan-memo.sqlite"
+LEGACY_NAMES = ("stat-cache.json", "plan-memo.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,84 +207,68 @@ def _index_fingerprints(settings: StageSettings, masker_fp: dict, config: Precom
 
 
 class PlanMemo:
-    """Derived, rebuildable facts that make a no-op run cheap, in ``DIR/cache/plan-memo.json``:
+    """Derived, rebuildable facts that make a no-op run cheap, in ``DIR/cache/plan-memo.sqlite``:
 
     * ingest fingerprint -> its frames as ``[frame, height, width]`` (original size; immutable:
       the entry is content-addressed), so the planner does not open every ingest entry;
     * (source path, frame) -> the canonical JSON of the masker's per-sample inputs (e.g. the
       label file's name and sha256) with the stat of the file they came from; trusted only
       while that file's (size, mtime_ns, inode) are unchanged and its mtime is older than the
-      memo (as in ``StatCache``), otherwise ``masker.sample_fingerprint`` is asked again.
+      memo entry (as in ``StatCache``), otherwise ``masker.sample_fingerprint`` is asked again.
 
-    What was loaded is dropped by :meth:`release_loaded` once planning is done. What this run
-    used is not kept in memory (it was ~1 KiB per sample, the largest per-sample structure of
-    the driver): each entry is appended, already as JSON text, to one of two hidden spill files
-    beside the memo (``.tmp-`` names, removed by ``clean_stale_temps`` after a crash), and
-    :meth:`save` streams them into the new memo. An entry recorded twice (a source planned and
-    then computed) appears twice in the JSON object; the later one wins when read, as a dict
-    update would. Losing or corrupting the file only costs time; it is written atomically.
-    ``record=False`` (dry runs) records nothing and writes nothing.
+    A SQLite file (``pipeline/sqlite_store.py``) looked up one entry at a time, so the memo
+    costs no memory per sample. Every entry this run uses or makes is stamped with the run's
+    id; :meth:`save` drops the others (sources gone from the corpus) and commits. Losing or
+    damaging the file only costs time. ``record=False`` (dry runs) reads and never writes.
     """
 
-    VERSION = 2
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS frames (ingest_fp BLOB PRIMARY KEY, frames TEXT, run INTEGER) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS inputs (
+            memo_key TEXT PRIMARY KEY, path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER,
+            made_ns INTEGER, inputs TEXT, run INTEGER
+        ) WITHOUT ROWID;
+    """
+    COMMIT_EVERY = 2000
 
     def __init__(self, path: Path | None, *, racy_window_ns: int = 2_000_000_000, record: bool = True) -> None:
+        from pipeline.sqlite_store import open_cache_database
+
         self.path = path
         self.racy_window_ns = racy_window_ns
-        self.frames: dict[str, list] = {}
-        self.inputs: dict[str, list] = {}
         self.record = record and path is not None
-        self._spill: dict[str, Any] = {}  # "frames"/"inputs" -> open spill file
-        self._spill_count = {"frames": 0, "inputs": 0}
+        self.run_id = time.time_ns()
+        self._writes = 0
         self._last_frames_fp: str | None = None
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("version") == self.VERSION:
-                    self.frames, self.inputs = dict(data["frames"]), dict(data["inputs"])
-            except (ValueError, KeyError, TypeError, OSError, AttributeError):
-                pass
+        self._db = None
+        if path is not None:
+            self._db = open_cache_database(path, self.SCHEMA, readonly=not self.record)
+
+    def _write(self, sql: str, values: tuple) -> None:
+        if not self.record:
+            return
+        self._db.execute(sql, values)
+        self._writes += 1
+        if self._writes % self.COMMIT_EVERY == 0:  # a killed run keeps most of what it learnt
+            self._db.commit()
 
     def ingest_frames(self, cache: StageCache, ingest_fp: str) -> list | None:
         """``[[frame, height, width], ...]`` of an ingest entry, or None when it is unreadable."""
-        frames = self.frames.get(ingest_fp)
-        if frames is None:
+        row = None
+        if self._db is not None:
+            row = self._db.execute("SELECT frames FROM frames WHERE ingest_fp = ?", (bytes.fromhex(ingest_fp),)).fetchone()
+        if row is not None:
+            frames = json.loads(row[0])
+            if ingest_fp != self._last_frames_fp:  # the frames of one source are asked for in a row
+                self._write("UPDATE frames SET run = ? WHERE ingest_fp = ?", (self.run_id, bytes.fromhex(ingest_fp)))
+        else:
             try:
                 frames = [[f["frame"], *f["original_size"]] for f in cache.get_meta("ingest", ingest_fp)["frames"]]
             except (CacheEntryError, OSError, ValueError, KeyError, TypeError):
                 return None
-        if ingest_fp != self._last_frames_fp:  # the frames of one source are asked for in a row
-            self._remember("frames", ingest_fp, frames)
-            self._last_frames_fp = ingest_fp
+            self._write("INSERT OR REPLACE INTO frames VALUES (?, ?, ?)", (bytes.fromhex(ingest_fp), json.dumps(frames, separators=(",", ":")), self.run_id))
+        self._last_frames_fp = ingest_fp
         return frames
-
-    def _remember(self, table: str, key: str, value: list) -> None:
-        if not self.record:
-            return
-        handle = self._spill.get(table)
-        if handle is None:
-            import tempfile
-
-            from pipeline.cache import TEMP_MARK
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.{table}{TEMP_MARK}", suffix=".part")
-            handle = self._spill[table] = os.fdopen(fd, "w+b")
-            handle.spill_name = name
-        fragment = json.dumps(key) + ":" + json.dumps(value, separators=(",", ":"))
-        handle.write(("," if self._spill_count[table] else "").encode() + fragment.encode())
-        self._spill_count[table] += 1
-
-    def _drop_spill(self) -> None:
-        for handle in self._spill.values():
-            handle.close()
-            try:
-                os.unlink(handle.spill_name)
-            except FileNotFoundError:
-                pass
-        self._spill = {}
-        self._spill_count = {"frames": 0, "inputs": 0}
-        self._last_frames_fp = None
 
     def sample_inputs(self, masker, meta) -> str:
         """Canonical JSON of the masker's per-sample inputs (``"{}"`` for most maskers)."""
@@ -295,7 +277,9 @@ class PlanMemo:
             inputs = sample_inputs(masker, meta)
             return canonical_json(inputs) if inputs else "{}"
         memo_key = f"{meta.extra['source_path']}\0{meta.frame}"
-        entry = self.inputs.get(memo_key)
+        entry = None
+        if self._db is not None:
+            entry = self._db.execute("SELECT path, size, mtime_ns, inode, made_ns, inputs FROM inputs WHERE memo_key = ?", (memo_key,)).fetchone()
         if entry is not None:
             path, size, mtime_ns, inode, made_ns, inputs = entry
             try:
@@ -303,46 +287,31 @@ class PlanMemo:
             except OSError:
                 stat = None
             if stat is not None and (stat.st_size, stat.st_mtime_ns, stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
-                self._remember("inputs", memo_key, entry)
+                self._write("UPDATE inputs SET run = ? WHERE memo_key = ?", (self.run_id, memo_key))
                 return inputs
         made_ns = time.time_ns()
         raw = sample_inputs(masker, meta)  # raises SampleError (no label), not memoised
         inputs = canonical_json(raw) if raw else "{}"
         path = os.fspath(locate(meta))
         stat = os.stat(path)
-        self._remember("inputs", memo_key, [path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs])
+        self._write("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (memo_key, path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs, self.run_id))
         return inputs
 
-    def release_loaded(self) -> None:
-        """Forget what was read from disk (planning is done; what is still needed was spilled)."""
-        self.frames, self.inputs = {}, {}
-
     def save(self) -> None:
-        """Write the memo atomically and release it (called once, after the stage chain ran)."""
-        if self.record:
-            from pipeline.cache import atomic_write_chunks
-
-            def chunks():
-                yield b'{"version":%d,"frames":{' % self.VERSION
-                yield from self._spilled("frames")
-                yield b'},"inputs":{'
-                yield from self._spilled("inputs")
-                yield b"}}"
-
-            try:
-                atomic_write_chunks(self.path, chunks(), fsync=False)
-            finally:
-                self._drop_spill()
-        self.release_loaded()
-
-    def _spilled(self, table: str):
-        handle = self._spill.get(table)
-        if handle is None:
+        """Drop the entries this run did not use, commit and close (called once, after the
+        stage chain ran)."""
+        if self._db is None:
             return
-        handle.flush()
-        handle.seek(0)
-        while block := handle.read(1 << 20):
-            yield block
+        if self.record:
+            self._db.execute("DELETE FROM frames WHERE run IS NOT ?", (self.run_id,))
+            self._db.execute("DELETE FROM inputs WHERE run IS NOT ?", (self.run_id,))
+            self._db.commit()
+        self.close()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def remember_computed(self, cache: StageCache, masker, samples: Sequence[SampleRef]) -> None:
         """Fill the memo for samples the workers just produced, so the next run is cheap."""
@@ -356,8 +325,8 @@ class PlanMemo:
                 pass
 
 
-def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings, memo: PlanMemo, table: SampleTable) -> SourcePlan:
-    """Plan one source; when all its entries exist, its samples are appended to ``table``."""
+def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSettings, memo: PlanMemo, tables: RunTables) -> SourcePlan:
+    """Plan one source; when all its entries exist, its samples are added to ``tables``."""
     if not cache.has("ingest", task.ingest_fp):
         failure = cache.get_failure("ingest", task.ingest_fp)
         if failure is not None:
@@ -397,7 +366,7 @@ def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSet
                 )
             )
     if plan.status == "ready":
-        table.extend(ready)
+        tables.add_samples(ready)
         plan.ready = len(ready)
     return plan
 
@@ -435,17 +404,21 @@ def run_precompute(config: PrecomputeConfig, *, client=None, console=None, show_
 
 
 def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: float) -> PrecomputeReport:
-    from pipeline.ingest import discover_source_list
     from pipeline.ingest import ingest_fingerprint as ingest_options_of
+    from pipeline.ingest import iter_source_files
 
     report = PrecomputeReport(out_dir=str(out_dir), dry_run=config.dry_run)
     cache_root = out_dir / CACHE_DIR
     cache = StageCache(cache_root)
     if not config.dry_run:
         clean_stale_temps(out_dir)
+        for legacy in LEGACY_NAMES:  # JSON caches of earlier versions, replaced by SQLite files
+            try:
+                os.unlink(cache_root / legacy)
+            except FileNotFoundError:
+                pass
 
-    sources = discover_source_list(config.corpus)  # compact: relpath strings, no Path per file
-    report.sources = len(sources)
+    sources = iter_source_files(config.corpus)  # streamed: (path, relpath) strings
 
     masker, masker_options = build_job_masker(config)
     masker_fp = masker.fingerprint()
@@ -466,74 +439,86 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
         pyramid_digest=pyramid_stage_digest(config.scales),
     )
 
+    # Per-source and per-sample facts go into a scratch SQLite file (pipeline/sample_table.py),
+    # the stat cache and the plan memo are SQLite files too: nothing the driver holds in memory
+    # grows with the corpus (docs/benchmarks.md (precompute)).
+    import tempfile
+
+    scratch_dir = cache_root if not config.dry_run else Path(tempfile.gettempdir())
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    tables = RunTables(scratch_dir / f".run-tables{TEMP_MARK}{os.getpid()}-{time.time_ns()}.sqlite")
+    stat_cache = memo = None
+    try:
+        stat_cache = StatCache(cache_root / STAT_CACHE_NAME, readonly=config.dry_run)
+        memo = PlanMemo(cache_root / MEMO_NAME, record=not config.dry_run)
+        return _run_with_tables(config, out_dir, report, cache, sources, masker, masker_fp, spec, settings, tables, stat_cache, memo, client=client, started=started)
+    finally:
+        for closable in (memo, stat_cache, tables):
+            if closable is not None:
+                closable.close()
+
+
+def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: StageCache, sources, masker, masker_fp, spec, settings: StageSettings,
+                     tables: RunTables, stat_cache: StatCache, memo: PlanMemo, *, client, started: float) -> PrecomputeReport:
     # -- 1. plan ------------------------------------------------------------------------------
-    # Per-source and per-sample facts go into compact columns (pipeline/sample_table.py), not
-    # into one Python object per sample: these columns take ~350 bytes per sample (see
-    # docs/benchmarks.md (precompute) for what else grows with the corpus).
     plan_start = time.perf_counter()
-    stat_cache = StatCache(cache_root / STAT_CACHE_NAME if not config.dry_run else None)
-    if config.dry_run and (cache_root / STAT_CACHE_NAME).exists():
-        stat_cache = StatCache(cache_root / STAT_CACHE_NAME)  # read it, never save it
-    memo = PlanMemo(cache_root / MEMO_NAME, record=not config.dry_run)
-    errors: list[ErrorRecord] = []
-    source_table = SourceTable()
-    table = SampleTable()
-    to_run = array("q")  # rows of source_table that need the executor
+    errors: list[ErrorRecord] = []  # skipped inputs only: grows with errors, not with the corpus
     counts = {"frames_known": 0, "masks_missing": 0, "pyramids_missing": 0, "not_ingested": 0}
-    unknown_keys = StringColumn()  # dry run: keys of sources whose samples are not all cached
     hash_start = time.perf_counter()
-    for source in sources.drain():
-        path = os.path.abspath(source.path)
+    for source_path, relpath in sources:
+        if not tables.first_sighting(relpath):
+            continue  # a list file naming a file twice
+        report.sources += 1
+        path = os.path.abspath(source_path)
         try:
             digest = stat_cache.sha256(path)
         except FileNotFoundError:
-            errors.append(ErrorRecord(source.relpath, "ingest", "file not found"))
+            errors.append(ErrorRecord(relpath, "ingest", "file not found"))
             report.stages["ingest"].failed += 1
             continue
         except OSError as exc:
-            errors.append(ErrorRecord(source.relpath, "ingest", f"cannot read file ({exc.strerror or exc})"))
+            errors.append(ErrorRecord(relpath, "ingest", f"cannot read file ({exc.strerror or exc})"))
             report.stages["ingest"].failed += 1
             continue
-        task = SourceTask(path=path, relpath=source.relpath, source_sha256=digest, ingest_fp=ingest_fingerprint(source_sha256=digest, options=settings.ingest_digest))
-        row = source_table.append(task)
-        plan = _plan_source(task, cache, masker, settings, memo, table)
+        task = SourceTask(path=path, relpath=relpath, source_sha256=digest, ingest_fp=ingest_fingerprint(source_sha256=digest, options=settings.ingest_digest))
+        row = tables.add_source(task)
+        plan = _plan_source(task, cache, masker, settings, memo, tables)
         if plan.status == "failed":
             errors.append(plan.error)
             report.stages["ingest"].failed += 1
         elif plan.status == "run":
-            to_run.append(row)
+            tables.mark_to_run(row)
             if config.dry_run:
-                unknown_keys.append(make_key(task.relpath))
+                tables.add_unknown_key(make_key(task.relpath))
                 if plan.frames_known == 0:
                     counts["not_ingested"] += 1
         if plan.status != "failed":
             counts["frames_known"] += plan.frames_known
             counts["masks_missing"] += plan.masks_missing
             counts["pyramids_missing"] += plan.pyramids_missing
-    del sources
-    memo.release_loaded()
     report.source_hash_seconds = time.perf_counter() - hash_start
     report.sources_hashed = stat_cache.hashed
     report.plan_seconds = time.perf_counter() - plan_start
 
     if config.dry_run:
-        _dry_run_plan(report, counts, table, unknown_keys, errors, config, cache, out_dir)
+        _dry_run_plan(report, counts, tables, errors, config, cache, out_dir)
         report.errors = [e.to_dict() for e in errors]
         report.wall_seconds = time.perf_counter() - started
         return report
 
     # -- 2. run the stage chain where something is missing ----------------------------------
-    known = len(table)
+    known = len(tables)
+    to_run = tables.count_to_run()
     for stage in ("ingest", "mask", "pyramid"):
         report.stages[stage].reused += known
 
     executor = None
-    rows = names = None
+    shard_fps = None
     with StageProgress(config.progress) as progress:
         progress.add("ingest", report.sources, "files")
-        progress.add("mask", known + len(to_run))
-        progress.add("pyramid", known + len(to_run))
-        progress.advance("ingest", report.sources - len(to_run), reused=True)
+        progress.add("mask", known + to_run)
+        progress.add("pyramid", known + to_run)
+        progress.advance("ingest", report.sources - to_run, reused=True)
         progress.advance("mask", known, reused=True)
         progress.advance("pyramid", known, reused=True)
         if to_run:
@@ -542,17 +527,14 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
             report.executor = type(executor).__name__.replace("Executor", "").lower()
             if report.executor == "serial":
                 remember_masker(spec, masker)
-            expected_samples = known + len(to_run)
+            expected_samples = known + to_run
             processes: set[str] = set()
-            batches = (
-                ([source_table.task(row) for row in to_run[start : start + config.batch_size]], settings)
-                for start in range(0, len(to_run), config.batch_size)
-            )
+            batches = ((batch, settings) for batch in tables.tasks_to_run(config.batch_size))
             for result in executor.imap_unordered(run_source_batch, batches):
                 _merge(report, result)
                 processes.add(result.process)
                 report.task_processes = len(processes)
-                table.extend(result.samples)
+                tables.add_samples(result.samples)
                 memo.remember_computed(cache, masker, result.samples)
                 errors.extend(result.errors)
                 produced = len(result.samples) + sum(1 for e in result.errors if e.stage != "ingest")
@@ -566,30 +548,29 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
                 progress.advance("mask", mask_reused, reused=True)
                 progress.advance("pyramid", len(result.samples) - pyramid_reused)
                 progress.advance("pyramid", pyramid_reused, reused=True)
-        del to_run
-        memo.save()  # and release it: nothing below needs it
+        memo.save()  # and close it: nothing below needs it
         # -- 3. pack ------------------------------------------------------------------------
-        rows, keys = _unique_key_order(table, errors)
-        report.samples = len(rows)
+        report.samples = tables.pack_order(errors)
         report.errors = [e.to_dict() for e in sorted(errors, key=lambda e: (e.path, e.stage, e.key or ""))]
         del errors
-        shard_fps = None
         if config.strict and report.errors:
             report.exit_code = EXIT_STRICT_FAILURE
         else:
             try:
-                shard_fps = _pack_and_index(report, table, rows, keys, settings, config, cache, out_dir, masker_fp, executor, client, progress)
+                shard_fps = _pack_and_index(report, tables, settings, config, cache, out_dir, masker_fp, executor, client, progress)
             finally:
                 if executor is not None:
                     executor.close()
                     executor = None
-        del keys
     if executor is not None:
         executor.close()
 
-    stat_cache.save(keep=source_table.path)
+    stat_cache.save(keep=tables.source_paths())
     if config.gc:
-        removed, _freed = cache.garbage_collect(_referenced(source_table, table, rows, shard_fps))
+        referenced = {stage: tables.referenced(stage) for stage in ("ingest", "mask", "pyramid")}
+        if shard_fps is not None:
+            referenced["pack"] = shard_fps
+        removed, _freed = cache.garbage_collect(referenced)
         report.cache_removed = removed
     write_errors(out_dir / ERRORS_NAME, report.errors)
     if report.exit_code == EXIT_OK and report.errors:
@@ -597,13 +578,6 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     report.wall_seconds = time.perf_counter() - started
     report.save(out_dir / REPORT_NAME)
     return report
-
-
-def _drain(items: list) -> Iterator:
-    """Yield and drop the items of ``items`` front to back (its memory goes as planning goes)."""
-    items.reverse()
-    while items:
-        yield items.pop()
 
 
 def _merge(report: PrecomputeReport, result: TaskResult) -> None:
@@ -617,43 +591,52 @@ def _merge(report: PrecomputeReport, result: TaskResult) -> None:
     report.bytes_written += result.cache_bytes_written
 
 
-def _unique_key_order(table: SampleTable, errors: list[ErrorRecord]) -> tuple[np.ndarray, np.ndarray]:
-    """(table rows in key order, their keys as an ``S`` array), one row per key.
+def shard_groups(items: Iterable[Any], samples_per_shard: int, key_of: Callable[[Any], str | bytes]) -> Iterator[list[Any]]:
+    """The key-sorted ``items`` (any iterable, e.g. a database cursor) cut into the shards of
+    :func:`shard_ranges`, streamed: one shard's items (at most ``2 * samples_per_shard``) are
+    held at a time."""
+    buffer: list[Any] = []
 
-    Two sources mapping to one key (should not happen with ``make_key``): keep the first by
-    path, skip the others with a reason, so the index never holds a key twice."""
-    order, keys = table.key_order()
-    if len(keys) < 2:
-        return order, keys
-    repeated = np.flatnonzero(keys[1:] == keys[:-1])
-    if not len(repeated):
-        return order, keys
-    keep = np.ones(len(order), bool)
-    for key in np.unique(keys[repeated + 1]):
-        positions = np.flatnonzero(keys == key)
-        ranked = sorted(positions, key=lambda position: table.relpath[int(order[position])])
-        first = table.relpath[int(order[ranked[0]])]
-        for position in ranked[1:]:
-            row = int(order[position])
-            errors.append(ErrorRecord(table.relpath[row], "pack", f"sample key {table.key[row]!r} already used by {first}", table.key[row]))
-            keep[position] = False
-        keep[ranked[0]] = True
-    return order[keep], keys[keep]
+    def keys():
+        for item in items:
+            buffer.append(item)
+            yield key_of(item)
+
+    # shard_ranges yields a range as soon as it has read the range's last key, so the buffer
+    # then holds exactly that range's items (and nothing after them).
+    for start, stop in shard_ranges(keys(), samples_per_shard):
+        group = buffer[: stop - start]
+        del buffer[: stop - start]
+        yield group
 
 
-def _shard_plan(table: SampleTable, rows: np.ndarray, keys: np.ndarray, settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, int, int]]:
-    """(shard fingerprint, shard file name, start, stop) in key order; members are
-    ``rows[start:stop]``."""
+def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, int, int]]:
+    """(shard fingerprint, shard file name, first position, stop position) in key order; one
+    tuple per shard (so it grows with the number of shards, not of samples)."""
     pack_options = {"scales": list(settings.scales)}
     planned = []
-    for start, stop in shard_ranges(keys, config.samples_per_shard):
-        members = ((table.key[r], table.pyramid_fp[r], table.ingest_fp[r]) for r in rows[start:stop].tolist())
-        shard_fp = shard_fingerprint(members, pack_options)
-        planned.append((shard_fp, shard_name(shard_fp), start, stop))
+    for group in shard_groups(tables.packed_members(), config.samples_per_shard, lambda member: member.key):
+        shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in group), pack_options)
+        planned.append((shard_fp, shard_name(shard_fp), group[0].position, group[-1].position + 1))
     return planned
 
 
+def _load_pack_entries(cache_root: str, shard_fp: str):
+    """The sample entries of a written shard, from its pack-cache sidecar (``ShardSummary``)."""
+    return shard_info_from_dict(StageCache(cache_root).get_meta("pack", shard_fp, probe_bytes=1 << 16)).samples
+
+
+def _summary(info, cache: StageCache, shard_fp: str, sample_count: int):
+    from functools import partial
+
+    from shards.index import ShardSummary
+
+    return ShardSummary(name=info.name, sha256=info.sha256, size=int(info.size), sample_count=int(sample_count),
+                        load_entries=partial(_load_pack_entries, str(cache.root), shard_fp))
+
+
 def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: str):
+    """A ``ShardSummary`` of shard ``name`` when it is final and its pack entry matches."""
     path = out_dir / name
     if not path.is_file() or not cache.has("pack", shard_fp):
         return None
@@ -663,15 +646,14 @@ def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: 
         return None
     if info.name != name or path.stat().st_size != info.size:
         return None
-    return info
+    return _summary(info, cache, shard_fp, len(info.samples))
 
 
-def _pack_and_index(report, table: SampleTable, rows, keys, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> set[str]:
+def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> set[str]:
     from shards.index import INDEX_NAME, read_manifest, write_index
-    from shards.writer import compact_shard_info
 
     pack_start = time.perf_counter()
-    planned = _shard_plan(table, rows, keys, settings, config)
+    planned = _shard_plan(tables, settings, config)
     infos: dict[str, Any] = {}
     to_write: list[tuple[str, str, int, int]] = []
     for shard_fp, name, start, stop in planned:
@@ -685,8 +667,9 @@ def _pack_and_index(report, table: SampleTable, rows, keys, settings, config, ca
     progress.advance("pack", report.shards_reused, reused=True)
     if to_write:
         # Members become SampleRef objects one shard at a time, as the executor asks for work.
+        fps = {name: shard_fp for shard_fp, name, _, _ in to_write}
         tasks = (
-            (ShardTask(str(out_dir), name, shard_fp, tuple(table.ref(r) for r in rows[start:stop].tolist()), settings.cache_root, settings.scales),)
+            (ShardTask(str(out_dir), name, shard_fp, tables.packed_refs(start, stop), settings.cache_root, settings.scales),)
             for shard_fp, name, start, stop in to_write
         )
         own_executor = executor is None
@@ -694,7 +677,7 @@ def _pack_and_index(report, table: SampleTable, rows, keys, settings, config, ca
             executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
         try:
             for result in executor.imap_unordered(write_shard_task, tasks):
-                infos[result.info.name] = compact_shard_info(result.info)
+                infos[result.info.name] = _summary(result.info, cache, fps[result.info.name], result.samples)
                 report.shards_written += 1
                 report.bytes_written += result.info.size
                 progress.advance("pack", 1)
@@ -747,15 +730,7 @@ def _index_matches_manifest(out_dir: Path, manifest: dict) -> bool:
     return attrs.get("index_id") == manifest.get("index_id")
 
 
-def _referenced(sources: SourceTable, table: SampleTable, rows, shard_fps: set[str] | None) -> dict[str, set[str]]:
-    rows = [] if rows is None else rows.tolist()
-    referenced = {"ingest": sources.ingest_fp.hex_set(), "mask": table.mask_fp.hex_set(rows), "pyramid": table.pyramid_fp.hex_set(rows)}
-    if shard_fps is not None:
-        referenced["pack"] = shard_fps
-    return referenced
-
-
-def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], table: SampleTable, unknown_keys: StringColumn, errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path) -> None:
+def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], tables: RunTables, errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path) -> None:
     frames_known, not_ingested = counts["frames_known"], counts["not_ingested"]
     stages = {
         "ingest": {"compute": not_ingested, "reuse": frames_known, "failed": sum(1 for e in errors if e.stage == "ingest")},
@@ -765,18 +740,18 @@ def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], table: Sampl
         "pyramid": {"compute": counts["pyramids_missing"] + not_ingested, "reuse": frames_known - counts["pyramids_missing"], "failed": 0},
     }
     existing = {p.name for p in out_dir.glob("*.tar")} if out_dir.is_dir() else set()
-    ready = {table.key[row]: row for row in range(len(table))}
-    all_keys = sorted(set(ready) | set(unknown_keys))
     to_write = 0
     groups = 0
+    keys = 0
     current = set()
-    for start, stop in shard_ranges(all_keys, config.samples_per_shard):
+    pack_options = {"scales": [int(s) for s in config.scales]}
+    for group in shard_groups(tables.dry_run_keys(), config.samples_per_shard, lambda item: item[0]):
         groups += 1
-        members = [ready.get(key) for key in all_keys[start:stop]]
-        if any(m is None for m in members):
+        keys += len(group)
+        if any(row is None for _, row in group):
             to_write += 1
             continue
-        shard_fp = shard_fingerprint(((table.key[m], table.pyramid_fp[m], table.ingest_fp[m]) for m in members), {"scales": [int(s) for s in config.scales]})
+        shard_fp = shard_fingerprint((tables.member_of_row(row) for _, row in group), pack_options)
         name = shard_name(shard_fp)
         current.add(name)
         if name in existing and cache.has("pack", shard_fp):
@@ -792,5 +767,5 @@ def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], table: Sampl
     )
     if to_write == 0 and stages["mask"]["compute"] == 0 and stages["pyramid"]["compute"] == 0 and stages["ingest"]["compute"] == 0:
         summary = "nothing to recompute" + (f"; {remove} stale shard(s) would be removed" if remove else "")
-    report.samples = len(all_keys)
+    report.samples = keys
     report.dry_run_plan = {"stages": stages_out, "summary": summary, "not_ingested": not_ingested, "shards_to_write": to_write, "shards": groups}

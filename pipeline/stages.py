@@ -431,7 +431,7 @@ class ShardTask:
 
 @dataclass
 class ShardResult:
-    info: Any  # shards.writer.ShardInfo
+    info: Any  # shards.writer.ShardInfo without its entries (samples=[]): they stay in the pack cache
     seconds: float
     samples: int
 
@@ -470,7 +470,10 @@ def write_shard_task(task: ShardTask) -> ShardResult:
     info = write_shard(Path(task.out_dir) / task.name, (load_shard_sample(ref, cache, task.scales) for ref in task.members))
     _fault_point("shard")
     cache.put("pack", task.shard_fp, shard_info_to_dict(info), {})
-    return ShardResult(info=info, seconds=time.perf_counter() - start, samples=len(task.members))
+    # The driver needs name, sha256 and size; the per-sample entries are read back from the pack
+    # cache when the index is written (sending them would cost the driver memory per sample).
+    light = type(info)(name=info.name, sha256=info.sha256, size=info.size, samples=[])
+    return ShardResult(info=light, seconds=time.perf_counter() - start, samples=len(info.samples))
 
 
 def shard_info_to_dict(info) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,23 +47,59 @@ from shards.writer import SampleEntry, SampleEntryTable, ShardInfo, _fsync_direc
 
 INDEX_NAME = "index.zarr"
 MANIFEST_NAME = "manifest.json"
-_CHUNK_ROWS = 1 << 16
+# Rows per chunk of every index column. Small enough that writing (one chunk per column in
+# memory) costs the same at 10k or 10M samples; large enough for a few hundred chunk files per
+# column at a million samples.
+_CHUNK_ROWS = 1 << 13
 
 
-def _entry_table(info: ShardInfo) -> SampleEntryTable:
-    samples = info.samples
+def _entry_table(info) -> SampleEntryTable:
+    """The sample entries of ``info``: a ``ShardInfo`` (entries held) or a :class:`ShardSummary`
+    (entries loaded on each call and not kept)."""
+    load = getattr(info, "load_entries", None)
+    samples = load() if load is not None else info.samples
     return samples if isinstance(samples, SampleEntryTable) else SampleEntryTable.from_rows(samples)
 
 
+@dataclass(frozen=True)
+class ShardSummary:
+    """A final shard for :func:`write_index` without its per-sample entries in memory:
+    ``load_entries()`` returns them (a ``SampleEntryTable`` or ``SampleEntry`` rows) when the
+    index is written, one shard at a time, so writing the index of N samples holds only a
+    shard's entries and one chunk per column. ``load_entries`` must be picklable only if the
+    summary is sent to another process."""
+
+    name: str
+    sha256: str
+    size: int
+    sample_count: int
+    load_entries: Callable[[], Any]
+
+
 def _index_id(shards: Sequence[ShardInfo], scales: Sequence[int], fingerprints: Mapping[str, str]) -> str:
+    return _first_pass(shards, scales, fingerprints)[0]
+
+
+def _first_pass(shards, scales: Sequence[int], fingerprints: Mapping[str, str]) -> tuple[str, int, bool]:
+    """(index id, total mask areas, keys strictly increasing over all shards) in one pass."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"scales": list(scales), "fingerprints": dict(sorted(fingerprints.items()))}, sort_keys=True).encode())
+    area_count = 0
+    increasing = True
+    last_key: bytes | None = None
     for info in shards:
         digest.update(f"{info.name}\0{info.sha256}\0{info.size}\0".encode())
         table = _entry_table(info)
         for key, offset, size in zip(table.keys.tolist(), table.offsets.tolist(), table.sizes.tolist()):
             digest.update(key + f"\0{offset}\0{size}\0".encode())
-    return digest.hexdigest()
+        area_count += int(table.area_starts[-1])
+        keys = table.keys
+        if increasing and len(keys):
+            # Sorted, distinct keys (what the precompute job writes) are unique without a global
+            # sort; anything else falls back to _check_unique_keys.
+            increasing = bool((keys[1:] > keys[:-1]).all()) and (last_key is None or keys[0] > last_key)
+            last_key = keys[-1]
+    return digest.hexdigest(), area_count, increasing
 
 
 def _check_unique_keys(shard_infos: Sequence[ShardInfo]) -> None:
@@ -94,55 +130,68 @@ def _check_final(out_dir: Path, info: ShardInfo) -> None:
         raise ValueError(f"{path}: {path.stat().st_size} bytes on disk, ShardInfo says {info.size}; refusing to index it")
 
 
-def _column_pieces(shard_infos: Sequence[ShardInfo], name: str):
-    """The per-shard pieces of one index column (compact numpy arrays)."""
-    area_base = 0
-    for number, info in enumerate(shard_infos):
-        table = _entry_table(info)
-        if name == "key":
-            yield table.keys
-        elif name == "source_hash":
-            yield table.source_hashes
-        elif name == "shard":
-            yield np.full(len(table), number, np.int32)
-        elif name == "offset":
-            yield table.offsets
-        elif name == "size":
-            yield table.sizes
-        elif name == "mask_count":
-            yield table.mask_counts
-        elif name == "mask_areas":
-            yield table.mask_areas
-        elif name == "mask_areas_start":
-            yield table.area_starts[:-1] + area_base
-            area_base += int(table.area_starts[-1])
-        else:  # pragma: no cover - internal
-            raise KeyError(name)
-    if name == "mask_areas_start":
-        yield np.array([area_base], np.int64)
-
-
+_COLUMNS = ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash")
+_TEXT_COLUMNS = ("key", "source_hash")
 _COLUMN_DTYPES = {"shard": np.int32, "offset": np.int64, "size": np.int64, "mask_count": np.int32, "mask_areas": np.int64, "mask_areas_start": np.int64}
 
 
-def _write_column(group, name: str, shard_infos: Sequence[ShardInfo], length: int, text: bool) -> None:
-    """Create column ``name`` and fill it chunk by chunk: only this column is ever held whole
-    (compact bytes), and text is widened to numpy ``U`` one chunk at a time."""
-    pieces = [np.asarray(p) if text else np.asarray(p, _COLUMN_DTYPES[name]) for p in _column_pieces(shard_infos, name)]
-    values = np.concatenate(pieces) if pieces else np.zeros(0, "S1" if text else _COLUMN_DTYPES[name])
-    del pieces
-    assert len(values) == length, (name, len(values), length)
-    chunk = max(1, min(_CHUNK_ROWS, length))
-    dtype = str if text else values.dtype
-    array = group.create_array(name, shape=(length,), dtype=dtype, chunks=(chunk,))
-    for start in range(0, length, chunk):
-        block = values[start : start + chunk]
-        array[start : start + len(block)] = np.char.decode(block, "utf-8") if text else block
+def _shard_pieces(number: int, table: SampleEntryTable, area_base: int) -> dict[str, np.ndarray]:
+    """One shard's piece of every index column."""
+    return {
+        "key": table.keys,
+        "shard": np.full(len(table), number, np.int32),
+        "offset": table.offsets,
+        "size": table.sizes,
+        "mask_count": table.mask_counts,
+        "mask_areas": table.mask_areas,
+        "mask_areas_start": table.area_starts[:-1] + area_base,
+        "source_hash": table.source_hashes,
+    }
+
+
+class _ColumnWriter:
+    """Fills one index column chunk by chunk as shard pieces arrive: holds at most one chunk
+    (plus the piece at hand), and text is widened to numpy ``U`` one chunk at a time."""
+
+    def __init__(self, group, name: str, length: int) -> None:
+        self.text = name in _TEXT_COLUMNS
+        self.name, self.length = name, length
+        self.chunk = max(1, min(_CHUNK_ROWS, length))
+        self.array = group.create_array(name, shape=(length,), dtype=str if self.text else _COLUMN_DTYPES[name], chunks=(self.chunk,))
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.written = 0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values) if self.text else np.asarray(values, _COLUMN_DTYPES[self.name])
+        if not len(values):
+            return
+        self.pending.append(values)
+        self.pending_rows += len(values)
+        if self.pending_rows >= self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if not self.pending:
+            return
+        values = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        whole = len(values) if final else len(values) - len(values) % self.chunk
+        for start in range(0, whole, self.chunk):
+            block = values[start : min(start + self.chunk, whole)]
+            self.array[self.written : self.written + len(block)] = np.char.decode(block, "utf-8") if self.text else block
+            self.written += len(block)
+        rest = values[whole:]
+        self.pending = [rest] if len(rest) else []
+        self.pending_rows = len(rest)
+
+    def finish(self) -> None:
+        self._flush(final=True)
+        assert self.written == self.length, (self.name, self.written, self.length)
 
 
 def write_index(
     out_dir: str | os.PathLike,
-    shard_infos: Sequence[ShardInfo],
+    shard_infos: Sequence[ShardInfo | ShardSummary],
     *,
     scales: Sequence[int] = DEFAULT_SCALES,
     fingerprints: Mapping[str, str] | None = None,
@@ -150,10 +199,12 @@ def write_index(
     """Write ``index.zarr`` and ``manifest.json`` for ``shard_infos`` (in that order); return the index id.
 
     Every shard must already be final in ``out_dir``. Keys must be unique across shards.
-    ``ShardInfo.samples`` may be a list of ``SampleEntry`` or a compact
-    :class:`~shards.writer.SampleEntryTable` (what the precompute driver keeps); the columns
-    are built from compact per-shard arrays and written one column and one chunk at a time,
-    so no Python object per sample is created.
+    Each item is a ``ShardInfo`` (``samples``: ``SampleEntry`` rows or a compact
+    :class:`~shards.writer.SampleEntryTable`) or a :class:`ShardSummary` whose entries are
+    loaded when needed (what the precompute driver passes). The index is written in two passes
+    over the shards (id, sizes and key order; then every column, one chunk at a time), so only
+    one shard's entries and one chunk per column are in memory at once. Keys that arrive in
+    strictly increasing order are unique by construction; otherwise one sort checks them.
     """
     import zarr
 
@@ -162,21 +213,32 @@ def write_index(
     scales = [int(s) for s in scales]
     for info in shard_infos:
         _check_final(out_dir, info)
-    _check_unique_keys(shard_infos)
+    count = sum(int(info.sample_count) for info in shard_infos)
+    index_id, area_count, increasing = _first_pass(shard_infos, scales, fingerprints)
+    if not increasing:
+        _check_unique_keys(shard_infos)
     names = [info.name for info in shard_infos]
     if len(set(names)) != len(names):
         raise ValueError("a shard is named twice")
-
-    count = sum(len(info.samples) for info in shard_infos)
-    area_count = sum(int(_entry_table(info).area_starts[-1]) for info in shard_infos)
-    index_id = _index_id(shard_infos, scales, fingerprints)
 
     final_index = out_dir / INDEX_NAME
     tmp_index = temporary_name(final_index)
     group = zarr.open_group(tmp_index, mode="w", zarr_format=3)
     lengths = {"mask_areas": area_count, "mask_areas_start": count + 1}
-    for name in ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash"):
-        _write_column(group, name, shard_infos, lengths.get(name, count), name in ("key", "source_hash"))
+    writers = {name: _ColumnWriter(group, name, lengths.get(name, count)) for name in _COLUMNS}
+    area_base = 0
+    for number, info in enumerate(shard_infos):
+        table = _entry_table(info)
+        if len(table) != info.sample_count:
+            raise ValueError(f"{info.name}: {len(table)} entries, expected {info.sample_count}")
+        for name, piece in _shard_pieces(number, table, area_base).items():
+            writers[name].add(piece)
+        area_base += int(table.area_starts[-1])
+        del table
+    writers["mask_areas_start"].add(np.array([area_base], np.int64))
+    for writer in writers.values():
+        writer.finish()
+    del writers
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,

@@ -21,8 +21,9 @@ Equal batches on every rank (no DDP hang on uneven shards)
 Shuffling and determinism
     Shard order is permuted per epoch; inside a stream, windows of ``shuffle_buffer`` samples
     (rounded up to whole batches) are permuted with a generator seeded by (seed, epoch, stream,
-    window). A sample's augmentation is seeded by (seed, epoch, position), so it does not depend
-    on which worker made it. Nothing reads global RNG state.
+    window). A batch's augmentation draws come from one generator seeded by (seed, epoch, global
+    batch number), so they do not depend on which worker made it or on a resume. Nothing reads
+    global RNG state.
 
 Global shuffle through the index (``shuffle_buffer=0``)
     For a shard directory with its index (per-sample byte offsets), an epoch is one global
@@ -44,6 +45,7 @@ Resume
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import os
 import re
@@ -60,6 +62,7 @@ from anaus_core.errors import UserInputError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _PLAN_SALT = 0x5EED_A7A5  # separates the shuffle streams from the per-sample augmentation streams
+_AUGMENT_SALT = 0xA06_BA7C  # separates the per-batch augmentation streams from both
 
 
 class ShardReadError(RuntimeError):
@@ -90,9 +93,10 @@ class ShardSource:
     def indexed(self) -> bool:
         return self.offsets is not None and self.nbytes is not None
 
-    @property
+    @functools.cached_property
     def first_sample(self) -> np.ndarray:
-        """Canonical number of the first sample of each shard (shards in canonical order)."""
+        """Canonical number of the first sample of each shard (shards in canonical order);
+        cached: ``locate`` runs once per sample read."""
         return np.concatenate([[0], np.cumsum(np.asarray(self.sizes, dtype=np.int64))[:-1]]).astype(np.int64)
 
     def locate(self, sample: int) -> tuple[int, int]:
@@ -376,6 +380,10 @@ class ShardStream(IterableDataset):
         transform: ``(raw sample, sample number, epoch) -> sample``; default keeps the key only.
             The sample number is canonical (shards in name order, members in tar order).
         collate: ``list of samples -> batch``; default returns the list.
+        batch_transform: ``(raw samples, sample numbers, epoch, batch number) -> batch``; when
+            given it replaces ``transform`` + ``collate`` (the whole batch at once). The batch
+            number is global in the epoch (``rank * batches_per_epoch + rank batch``), so it is
+            the same whichever worker makes the batch and after a resume.
     """
 
     DEFAULT_WINDOW = 1024
@@ -383,7 +391,8 @@ class ShardStream(IterableDataset):
     def __init__(self, source: ShardSource, *, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle_buffer: int = 1024,
                  shuffle_shards: bool = True, transform: Callable[[Mapping[str, Any], int, int], Any] | None = None,
-                 collate: Callable[[list], Any] | None = None) -> None:
+                 collate: Callable[[list], Any] | None = None,
+                 batch_transform: Callable[[list, np.ndarray, int, int], Any] | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -399,6 +408,7 @@ class ShardStream(IterableDataset):
         self.shuffle_shards = bool(shuffle_shards)
         self.transform = transform if transform is not None else RawSample()
         self.collate = collate if collate is not None else _as_list
+        self.batch_transform = batch_transform
         plan = self.plan()
         if not 0 <= self.start_batch <= plan.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} is outside the epoch (0..{plan.batches_per_epoch})")
@@ -493,8 +503,8 @@ class ShardStream(IterableDataset):
         handles: dict[int, Any] = {}
         try:
             for rank_batch in range(first, self.batches_per_epoch, self.streams_per_rank):
-                samples = []
-                for number in self._indexed_batch(permutation, rank_batch):
+                samples, numbers = [], self._indexed_batch(permutation, rank_batch)
+                for number in numbers:
                     number = int(number)
                     shard, _ = self.source.locate(number)
                     url = self.source.urls[shard]
@@ -506,11 +516,18 @@ class ShardStream(IterableDataset):
                     if len(chunk) != int(self.source.nbytes[number]):
                         raise ShardReadError(f"{url}: truncated (sample {number} ends past the end of the file)")
                     raw = parse_sample_bytes(chunk, url).as_webdataset_dict(url)
-                    samples.append(self.transform(raw, number, self.epoch))
-                yield self.collate(samples)
+                    samples.append(raw if self.batch_transform is not None else self.transform(raw, number, self.epoch))
+                yield self._finish(samples, numbers, rank_batch)
         finally:
             for handle in handles.values():
                 handle.close()
+
+    def _finish(self, samples: list, numbers: np.ndarray, rank_batch: int) -> Any:
+        """The batch from its raw samples (``batch_transform``) or transformed ones (``collate``)."""
+        if self.batch_transform is None:
+            return self.collate(samples)
+        return self.batch_transform(samples, np.asarray(numbers, np.int64), self.epoch,
+                                    self.rank * self.batches_per_epoch + rank_batch)
 
     def _iter_stream(self) -> Iterator[Any]:
         logical, skip_batches = self._worker_slot()
@@ -540,9 +557,12 @@ class ShardStream(IterableDataset):
                         raise ShardReadError(f"stream {stream}: window {window_index} has {len(window_raw)} of "
                                              f"{window_end - window_start} samples")
                     current_window = window_index
-                samples = [self.transform(window_raw.pop(int(p)), self.virtual_to_sample(int(p), plan), self.epoch)
-                           for p in positions]
-                yield self.collate(samples)
+                numbers = np.array([self.virtual_to_sample(int(p), plan) for p in positions], np.int64)
+                raws = [window_raw.pop(int(p)) for p in positions]
+                if self.batch_transform is None:
+                    raws = [self.transform(raw, int(n), self.epoch) for raw, n in zip(raws, numbers)]
+                # this stream's batch_number-th batch is rank batch logical + batch_number·R
+                yield self._finish(raws, numbers, logical + batch_number * self.streams_per_rank)
         finally:
             if raw_iter is not None:
                 raw_iter.close()
@@ -572,13 +592,18 @@ class TrainingSample:
     area_grid: np.ndarray | None
 
 
-def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True) -> TrainingSample:
+def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True, layers_out: np.ndarray | None = None) -> TrainingSample:
     """Raw webdataset sample -> ``TrainingSample``: PNG, label layers, finest pyramid level, ids.
 
     The pipeline's decode. Unlike ``shards.sample.decode_sample`` it never expands the label
     layers into M boolean planes (the view code gathers the K sampled masks from the layers)
     and reads only the id of each mask from the record. ``verify`` checks every member's crc32
     and the record against the headers (shape, mask count), as ``decode_sample``'s default does.
+
+    ``layers_out``: a writable uint8 (L, H, W) array (a slot of the batch being built); when the
+    stored layers are zstd-compressed 8-bit labels of exactly that shape they are decompressed
+    straight into it (``result.mask_layers.layers is layers_out``), saving the copy into the
+    batch. Otherwise it is left untouched and the layers come back in a fresh array.
     """
     import json
     import zlib
@@ -606,7 +631,8 @@ def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True) -> Tr
                 raise SampleFormatError(f"{key}: {name}: crc32 mismatch (member altered)")
     try:
         image = decode_image(members["png"])
-        layers, layer_of_mask = decode_mask_layers(members["masks.bin"])
+        decoded = _decode_layers_into(members["masks.bin"], layers_out) if layers_out is not None else None
+        layers, layer_of_mask = decoded if decoded is not None else decode_mask_layers(members["masks.bin"])
         pyramid = decode_pyramid(members["pyramid.bin"])
     except SampleFormatError as error:
         raise SampleFormatError(f"{key}: {error}") from None
@@ -621,15 +647,93 @@ def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True) -> Tr
                           mask_ids=ids, area_grid=area_grid)
 
 
-def _default_decode(raw: Mapping[str, bytes]):
-    return decode_training_sample(raw)
+def _masks_header(data: bytes | memoryview) -> tuple[int, int, int, int, int, int] | None:
+    """(codec, bytes per label, M, H, W, layers) from a ``masks.bin`` header; None when it is not
+    one this version reads (``shards.sample.decode_mask_layers`` then says why)."""
+    from shards.sample import _MASKS_HEADER, FORMAT_VERSION, MASKS_MAGIC
+
+    if len(data) < _MASKS_HEADER.size:
+        return None
+    magic, version, codec, label_bytes, count, height, width, layers = _MASKS_HEADER.unpack_from(data)
+    if magic != MASKS_MAGIC or version != FORMAT_VERSION or label_bytes not in (1, 2):
+        return None
+    return codec, label_bytes, count, height, width, layers
 
 
-class PretrainSampleTransform:
-    """Raw webdataset sample -> one sample of the pre-training batch (decode + paired views).
+def _zstd_content_size(frame: memoryview) -> int | None:
+    """The decompressed size a zstd frame header declares (RFC 8878 §3.1.1.1), None if absent:
+    decompressing into a buffer must not accept a frame shorter than the buffer."""
+    if len(frame) < 6 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = frame[4]
+    size_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    offset = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    field = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    if field == 0 or len(frame) < offset + field:
+        return None
+    value = int.from_bytes(frame[offset:offset + field], "little")
+    return value + 256 if field == 2 else value
 
-    The sample's generator is seeded by (seed, epoch, sample number), so its crops, flips and
-    sampled ids are the same whichever worker makes it and whether or not the run was resumed.
+
+def _decode_layers_into(data: bytes | memoryview, out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``decode_mask_layers`` decompressing into ``out`` (uint8 (L, H, W), C-contiguous); None
+    (nothing written) unless the layers are zstd, 8-bit and exactly that shape."""
+    from numcodecs import zstd
+
+    from shards.sample import _MASKS_HEADER, CODEC_ZSTD, SampleFormatError
+
+    header = _masks_header(data)
+    if header is None or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        return None
+    codec, label_bytes, count, height, width, layer_count = header
+    if codec != CODEC_ZSTD or label_bytes != 1 or out.shape != (layer_count, height, width) or not out.size:
+        return None
+    offset = _MASKS_HEADER.size + 2 * count
+    if len(data) < offset:
+        return None
+    payload = memoryview(data)[offset:]
+    if _zstd_content_size(payload) != out.size:
+        return None
+    layer_of_mask = np.frombuffer(data, "<u2", count, _MASKS_HEADER.size).astype(np.int64)
+    if count and layer_of_mask.max() >= layer_count:
+        raise SampleFormatError("masks: a mask names a layer that does not exist")
+    try:
+        zstd.decompress(payload, dest=out.reshape(-1))
+    except Exception as exc:  # the compressor's own error types vary
+        raise SampleFormatError(f"masks: cannot decompress ({exc})") from None
+    return out, layer_of_mask
+
+
+def peek_training_shape(raw: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+    """(H, W, label layers, bytes per label) of a raw sample from its PNG and ``masks.bin``
+    headers, nothing decoded; None when the headers are not the expected ones (the caller then
+    decodes first). Lets a batch be allocated before its samples are decoded into it."""
+    import struct
+
+    png, masks = raw.get("png"), raw.get("masks.bin")
+    if not isinstance(png, (bytes, bytearray, memoryview)) or not isinstance(masks, (bytes, bytearray, memoryview)):
+        return None
+    if len(png) < 24 or bytes(png[:8]) != b"\x89PNG\r\n\x1a\n" or bytes(png[12:16]) != b"IHDR":
+        return None
+    width, height = struct.unpack_from(">II", png, 16)
+    header = _masks_header(masks)
+    if header is None:
+        return None
+    _, label_bytes, _, mask_h, mask_w, layers = header
+    if layers and (mask_h, mask_w) != (height, width):
+        return None  # the decode reports the mismatch
+    return int(height), int(width), int(layers), int(label_bytes)
+
+
+class PretrainBatchTransform:
+    """Raw webdataset samples of one batch -> the collated pre-training batch (the loader's path).
+
+    Every random draw of the batch (crops, flips, mask ids, core boxes) is made at once
+    (``anaus_core.augment.draws``) from one generator seeded by (seed, epoch, batch number), so a
+    batch is the same whichever worker makes it and after a resume, and the fields are written
+    straight into the batch tensors (``anaus_core.augment.batch``). With device geometry the
+    label layers are decompressed straight into the batch as well (``decode_training_sample``'s
+    ``layers_out``).
     """
 
     def __init__(self, view_config=None, *, seed: int = 0, decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> None:
@@ -637,22 +741,60 @@ class PretrainSampleTransform:
 
         self.views = PairedViews(view_config or ViewConfig())
         self.seed = int(seed)
-        self.decode = decode if decode is not None else _default_decode
+        self.decode = decode
 
-    def __call__(self, raw: Mapping[str, Any], number: int, epoch: int) -> dict[str, np.ndarray]:
-        sample = self.decode(raw)
+    def generator(self, epoch: int, batch_number: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(epoch), _AUGMENT_SALT, int(batch_number)])
+
+    def __call__(self, raws: Sequence[Mapping[str, Any]], numbers: np.ndarray, epoch: int, batch_number: int) -> dict[str, torch.Tensor]:
+        from anaus_core.augment.batch import build_batch
+
+        rng = self.generator(epoch, batch_number)
+        if self.decode is None and self.views.config.geometry == "device":
+            shapes = [peek_training_shape(raw) for raw in raws]
+            if all(shape is not None for shape in shapes):
+                return self._device_batch(raws, shapes, numbers, rng)
+        samples = [self._decoded(raw) for raw in raws]
+        return build_batch(self.views, samples, numbers, rng)
+
+    def _decoded(self, raw: Mapping[str, Any]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray | None]:
+        """(image, masks, ids, area grid) of one raw sample, with the default or a custom decode."""
+        sample = self.decode(raw) if self.decode is not None else decode_training_sample(raw)
         if isinstance(sample, TrainingSample):
-            masks, ids, grid = sample.mask_layers, sample.mask_ids, sample.area_grid
-        else:  # a ShardSample from a custom decode (e.g. shards.sample.decode_sample)
-            mask_set = sample.mask_set
-            masks, ids, grid = mask_set.masks, mask_set.ids, None
-            pyramid = getattr(sample, "mask_pyramid", None)
-            if pyramid and len(mask_set):
-                grid = pyramid[max(pyramid)]
-        rng = np.random.default_rng([self.seed, epoch, number])
-        # the stored uint8 level as is: PairedViews reads uint8 grids as fraction × 255
-        out = self.views(sample.image, masks, ids, rng=rng, area_grid=None if grid is None else np.asarray(grid, np.uint8))
-        out["index"] = np.int64(number)
+            return sample.image, sample.mask_layers, sample.mask_ids, sample.area_grid
+        mask_set = sample.mask_set  # a ShardSample from a custom decode (e.g. shards.sample.decode_sample)
+        pyramid = getattr(sample, "mask_pyramid", None)
+        grid = pyramid[max(pyramid)] if pyramid and len(mask_set) else None
+        return sample.image, mask_set.masks, mask_set.ids, None if grid is None else np.asarray(grid, np.uint8)
+
+    def _device_batch(self, raws: Sequence[Mapping[str, Any]], shapes: list, numbers: np.ndarray,
+                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Device-geometry batch with every sample decoded into its slot of the canvas."""
+        from anaus_core.augment.batch import device_batch_layout, fill_device_fields, place_layers_on_canvas, place_on_canvas
+        from anaus_core.augment.collate import alloc_batch
+        from anaus_core.augment.draws import draw_batch
+
+        config = self.views.config
+        height = max(shape[0] for shape in shapes)
+        width = max(shape[1] for shape in shapes)
+        wide = any(shape[3] != 1 for shape in shapes)
+        out = alloc_batch(device_batch_layout(len(raws), config, height, width, max(shape[2] for shape in shapes), wide))
+        images, layers = out["image"].numpy(), out["mask_layers"].numpy()
+        decoded = []
+        for row, (raw, (h, w, count, _)) in enumerate(zip(raws, shapes)):
+            # in place only where the sample fills the canvas: a slot of a larger canvas is strided
+            target = layers[row, :count] if not wide and (h, w) == (height, width) else None
+            sample = decode_training_sample(raw, layers_out=target)
+            in_place = target is not None and sample.mask_layers.layers is target
+            place_on_canvas(images[row, 0], sample.image)
+            place_layers_on_canvas(layers[row], None if in_place else sample.mask_layers.layers, count, h, w)
+            decoded.append(sample)
+        grids = [s.area_grid for s in decoded]
+        draws = draw_batch(rng, [s.image.shape for s in decoded], config=config,
+                           grids=None if any(g is None for g in grids) else grids,
+                           masks=[s.mask_layers for s in decoded])
+        fill_device_fields(out, draws, [s.mask_layers.layer_of_mask for s in decoded], [s.mask_ids for s in decoded],
+                           numbers, config.size)
         return out
 
 
@@ -691,7 +833,6 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
     """
     from dataclasses import replace
 
-    from anaus_core.augment.collate import collate_views
     from anaus_core.augment.views import ViewConfig
 
     shards = source if isinstance(source, ShardSource) else resolve_shards(source)
@@ -700,7 +841,7 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
         config = replace(config, num_mask_samples=int(num_mask_samples))
     dataset = ShardStream(shards, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                           num_workers=num_workers, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                          transform=PretrainSampleTransform(config, seed=seed, decode=decode), collate=collate_views)
+                          batch_transform=PretrainBatchTransform(config, seed=seed, decode=decode))
     return PretrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
 

@@ -1,6 +1,8 @@
 """Two geometric views of one image with the sampled masks following them, plus the core crop.
 
-Runs per sample on the CPU (DataLoader workers). Only geometry happens here — random resized crop
+Runs on the CPU (DataLoader workers); the random draws are made for a whole batch at once
+(``anaus_core.augment.draws``; ``PairedViews.__call__`` is the batch of one, the loader uses
+``anaus_core.augment.batch``) and the warps per sample. Only geometry happens here — random resized crop
 (scale 0.2–1.0, ratio 3/4–4/3, BYOL/paper A.1) and horizontal flip; the photometric part of the
 BYOL recipe is batched on the training device (``anaus_core.augment.device``), where it is
 ~20–50× cheaper than torchvision's per-image CPU ops (SPEC §9).
@@ -21,7 +23,9 @@ Masks may come as boolean planes or as the shard store's label layers (``MaskLay
 gather then runs once per layer, not once per mask).
 
 With ``ViewConfig(geometry="device")`` the worker stops after the random draws and ships the
-un-augmented image and the label layers of the sampled masks instead of the warped views;
+un-augmented image and the label layers of the sampled masks instead of the warped views
+(this per-sample path cuts them to the crops' bounding box; the loader's batch path,
+``anaus_core.augment.batch``, ships whole images and layers without ``canvas_origin``);
 ``anaus_core.augment.device.prepare_batch`` cuts and resizes the whole batch on the device
 (``anaus_core.augment.device_geometry``) and returns the same tensors. Per-sample fields then:
 
@@ -42,18 +46,15 @@ from dataclasses import replace, dataclass
 
 import numpy as np
 
+from anaus_core.augment.draws import BatchDraws, draw_batch
 from anaus_core.augment.geometry import (
     CropBox,
-    box_area_exact,
-    box_areas_from_grid,
-    intersect_boxes,
     resize_region,
     sample_resized_crop,
     warp_image,
     warp_label_layers,
     warp_masks,
 )
-from anaus_core.augment.sampling import area_weights, sample_mask_indices
 
 
 @dataclass
@@ -161,31 +162,23 @@ class PairedViews:
         self.config = config or ViewConfig()
 
     def sample_geometry(self, rng: np.random.Generator, height: int, width: int) -> tuple[CropBox, bool]:
+        """One crop box and flip with this config's ranges (the per-sample reference draw)."""
         config = self.config
         box = sample_resized_crop(rng, height, width, scale=(config.scale_min, config.scale_max),
                                   ratio=(config.ratio_min, config.ratio_max))
         flip = bool(rng.random() < config.flip_p)
         return box, flip
 
-    def _view_areas(self, masks: np.ndarray | MaskLayers, boxes: tuple[CropBox, CropBox],
-                    area_grid: np.ndarray | None) -> np.ndarray:
-        """float64 (2, M): each mask's area in each view, in view pixels."""
-        height, width = masks.shape if isinstance(masks, MaskLayers) else masks.shape[1:]
-        if self.config.sampling_area == "grid" and area_grid is not None:
-            grid = np.asarray(area_grid)
-            scale = 1 / 255 if grid.dtype == np.uint8 else 1.0  # the stored pyramid, round(255 f)
-            areas = box_areas_from_grid(grid, list(boxes), height, width, scale)
-        elif isinstance(masks, MaskLayers):
-            areas = np.stack([masks.areas_in_box(box) for box in boxes]).astype(np.float64)
-        else:
-            areas = np.stack([box_area_exact(masks, box) for box in boxes]).astype(np.float64)
-        # Weights are in view pixels: what the loss sees after the crop is resized to S×S.
-        return areas * np.array([self.config.size ** 2 / (box.height * box.width) for box in boxes])[:, None]
-
     def __call__(self, image: np.ndarray, masks: np.ndarray | MaskLayers, ids: np.ndarray, *, rng: np.random.Generator,
                  area_grid: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        config = self.config
-        size, num = config.size, config.num_mask_samples
+        image, masks, ids = self._checked(image, masks, ids)
+        grids = None if area_grid is None else [np.asarray(area_grid)]
+        # a batch of one: the draws are exactly those the batched loader path makes (draws.py)
+        draws = draw_batch(rng, [image.shape], config=self.config, grids=grids, masks=[masks])
+        return self.render(image, masks, ids, draws, 0)
+
+    def _checked(self, image: np.ndarray, masks: np.ndarray | MaskLayers,
+                 ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | MaskLayers, np.ndarray]:
         image = np.asarray(image)
         if image.ndim != 2 or image.dtype != np.uint8:
             raise ValueError(f"image must be uint8 (H, W), got {image.dtype} {image.shape}")
@@ -197,58 +190,65 @@ class PairedViews:
             masks = np.asarray(masks, dtype=bool)
             if masks.ndim != 3 or masks.shape[1:] != (height, width):
                 raise ValueError(f"masks must be (M, {height}, {width}), got {masks.shape}")
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return image, masks, np.asarray(ids, dtype=np.int64).reshape(-1)
 
-        box1, flip1 = self.sample_geometry(rng, height, width)
-        box2, flip2 = self.sample_geometry(rng, height, width)
+    def render(self, image: np.ndarray, masks: np.ndarray | MaskLayers, ids: np.ndarray, draws: BatchDraws,
+               sample: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Sample ``sample`` of ``draws`` as CONTRACTS.md fields (see the module docstring).
 
-        chosen = np.zeros(0, np.int64)
-        if len(masks):
-            areas = self._view_areas(masks, (box1, box2), area_grid)
-            weights = area_weights(areas[0], areas[1])
-            chosen = sample_mask_indices(weights, num, rng)
-        mask_ids = np.zeros(num, np.int64)
-        if chosen.size:
-            mask_ids[:] = ids[chosen]
-
-        overlap = intersect_boxes(box1, box2)
-        core_valid = overlap is not None and min(overlap.height, overlap.width) >= config.core_min_side
-        out = {
-            "mask_ids": mask_ids,
-            "core_valid": np.bool_(core_valid),
+        ``out``: optional batch arrays (B, ...) of the worker-geometry fields; the sample is
+        written into row ``sample`` of each (no per-sample arrays, no collate copy) and ``out``
+        is returned. Without it a dict of per-sample arrays is returned.
+        """
+        config = self.config
+        size, num = config.size, config.num_mask_samples
+        box1, box2 = draws.box(sample, 0), draws.box(sample, 1)
+        flip1, flip2 = bool(draws.flips[sample, 0]), bool(draws.flips[sample, 1])
+        slots = draws.chosen[sample]
+        chosen = slots[slots >= 0]
+        core_box = draws.core_box(sample)
+        fields = {
+            "mask_ids": np.where(slots >= 0, ids[np.maximum(slots, 0)] if len(ids) else 0, 0).astype(np.int64),
+            "core_valid": np.bool_(core_box is not None),
             "crop1": box1.as_array(),
             "crop2": box2.as_array(),
             "flip1": np.bool_(flip1),
             "flip2": np.bool_(flip2),
         }
         if config.geometry == "device":
-            out.update(self._device_fields(image, masks, chosen, (box1, box2), overlap if core_valid else None))
-            return out
+            if out is not None:
+                raise ValueError("render(out=...) writes worker-geometry fields only")
+            fields.update(self._device_fields(image, masks, chosen, (box1, box2), core_box))
+            return fields
 
         packed_width = size // 8
-        masks1 = np.zeros((num, size, packed_width), np.uint8)
-        masks2 = np.zeros((num, size, packed_width), np.uint8)
-        valid1 = np.zeros(num, bool)
-        valid2 = np.zeros(num, bool)
-        if chosen.size:
-            unique, slot_to_unique = np.unique(chosen, return_inverse=True)
-            for box, flip, packed_out, valid_out in ((box1, flip1, masks1, valid1), (box2, flip2, masks2, valid2)):
+        if out is None:
+            row = {
+                "view1": np.empty((1, size, size), np.uint8), "view2": np.empty((1, size, size), np.uint8),
+                "masks1": np.empty((num, size, packed_width), np.uint8), "masks2": np.empty((num, size, packed_width), np.uint8),
+                "mask_valid1": np.empty(num, bool), "mask_valid2": np.empty(num, bool),
+                "core": np.empty((1, size, size), np.uint8),
+            }
+            row.update(fields)
+        else:
+            for name, value in fields.items():
+                out[name][sample] = value
+            row = {name: out[name][sample] for name in ("view1", "view2", "masks1", "masks2", "mask_valid1", "mask_valid2", "core")}
+        for which, box, flip in ((1, box1, flip1), (2, box2, flip2)):
+            packed_out, valid_out = row[f"masks{which}"], row[f"mask_valid{which}"]
+            if chosen.size:
+                unique, slot_to_unique = np.unique(chosen, return_inverse=True)
                 warped = self._warp_selected(masks, unique, box, flip)
                 # size % 8 == 0, so packing the flat array is packing each row
                 packed = np.packbits(warped.reshape(-1), bitorder="big").reshape(len(unique), size, packed_width)
-                packed_out[:] = packed[slot_to_unique]
-                valid_out[:] = packed.reshape(len(unique), -1).any(axis=1)[slot_to_unique]
-        core = resize_region(image, overlap, size) if core_valid else np.zeros((size, size), np.uint8)
-        out.update({
-            "view1": warp_image(image, box1, flip1, size)[None],
-            "view2": warp_image(image, box2, flip2, size)[None],
-            "masks1": masks1,
-            "masks2": masks2,
-            "mask_valid1": valid1,
-            "mask_valid2": valid2,
-            "core": core[None],
-        })
-        return out
+                packed_out[:len(chosen)] = packed[slot_to_unique]
+                valid_out[:len(chosen)] = packed.reshape(len(unique), -1).any(axis=1)[slot_to_unique]
+            # slots are filled in order, so the empty ones (-1) are the tail
+            packed_out[len(chosen):] = 0
+            valid_out[len(chosen):] = False
+            row[f"view{which}"][0] = warp_image(image, box, flip, size)
+        row["core"][0] = resize_region(image, core_box, size) if core_box is not None else 0
+        return out if out is not None else row
 
     def _warp_selected(self, masks: np.ndarray | MaskLayers, unique: np.ndarray, box: CropBox, flip: bool) -> np.ndarray:
         """bool (U, S, S), contiguous: the masks ``unique`` after the view geometry."""
