@@ -152,9 +152,14 @@ class RawDecodeBatches(torch.utils.data.IterableDataset):
 def raw_decode_batches(urls: list[str], *, batch: int, workers: int) -> tuple[int, float]:
     """(samples, seconds) of ``RawDecodeBatches`` through a DataLoader; with workers, steady
     state from the first batch on, as ``full_pipeline``."""
+    return timed_epoch(torch.utils.data.DataLoader(RawDecodeBatches(urls, batch), batch_size=None, num_workers=workers), workers=workers)
+
+
+def timed_epoch(loader, *, workers: int) -> tuple[int, float]:
+    """(samples, seconds) of one pass over ``loader``; with workers the clock starts at the
+    first batch, which is not counted (worker start-up is a once-per-epoch cost)."""
     start = time.perf_counter()
     count = 0
-    loader = torch.utils.data.DataLoader(RawDecodeBatches(urls, batch), batch_size=None, num_workers=workers)
     for index, item in enumerate(loader):
         if workers and index == 0:
             start = time.perf_counter()
@@ -170,16 +175,9 @@ def full_pipeline(store, *, batch: int, workers: int, shuffle_buffer: int, geome
     from anaus_core.augment.views import ViewConfig
     from shards.stream import build_pretrain_loader
 
-    start = time.perf_counter()
     loader = build_pretrain_loader(store, batch_size=batch, num_workers=workers, seed=0, shuffle_buffer=shuffle_buffer,
                                    view_config=ViewConfig(geometry=geometry))
-    count = 0
-    for index, item in enumerate(loader):
-        if workers and index == 0:
-            start = time.perf_counter()
-            continue
-        count += int(item["index"].shape[0])
-    return count, time.perf_counter() - start
+    return timed_epoch(loader, workers=workers)
 
 
 def per_image_photometric(images: torch.Tensor) -> torch.Tensor:

@@ -200,21 +200,7 @@ def discover_source_list(corpus: str | os.PathLike) -> SourceList:
     if not corpus.exists():
         raise UserInputError(f"{corpus}: corpus not found (give a folder or a list file)")
     if corpus.is_dir():
-        found: list[str] = []
-        visited: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(corpus, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in visited:  # a symlink cycle: do not walk the same folder twice
-                dirnames[:] = []
-                continue
-            visited.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in filenames:
-                if filename.startswith("."):
-                    continue
-                path = Path(dirpath) / filename
-                if path.is_file() and _is_media(path):
-                    found.append(path.relative_to(corpus).as_posix())
+        found = [relpath for _, relpath in _walk_folder(os.fspath(corpus))]
         found.sort()
         return SourceList(corpus, found)
     if corpus.suffix.lower() in MEDIA_EXTENSIONS:
