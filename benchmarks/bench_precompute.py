@@ -176,7 +176,7 @@ def child_run(corpus: Path, out: Path, labels: Path) -> dict:
     return result
 
 
-def bench_memory_and_noop(work: Path, *, sizes: list[int], noop_samples: int, repeats: int) -> dict:
+def bench_memory_and_noop(work: Path, *, sizes: list[int], noop_samples: int, repeats: int, phase_split: bool = False) -> dict:
     corpus = make_tiny_corpus(work / "tiny", max(sizes + [noop_samples]))
     labels = corpus / "label"
     memory = []
@@ -207,6 +207,21 @@ def bench_memory_and_noop(work: Path, *, sizes: list[int], noop_samples: int, re
         f"({noop['process_s']:.2f} s including interpreter start and imports), peak RSS {noop['peak_rss_mib']:.0f} MiB",
         flush=True,
     )
+    if phase_split:
+        for row in memory:
+            out = work / f"tiny_out_{row['samples']}"
+            corpus_list = list_file(corpus, row["samples"])
+            again = child_run(corpus_list, out, labels)
+            shutil.rmtree(out / "index.zarr", ignore_errors=True)
+            (out / "manifest.json").unlink(missing_ok=True)
+            index_only = child_run(corpus_list, out, labels)
+            row["noop_peak_rss_mib"], row["noop_s"] = again["peak_rss_mib"], again["wall_s"]
+            row["index_only_peak_rss_mib"], row["index_only_s"] = index_only["peak_rss_mib"], index_only["wall_s"]
+            print(
+                f"phase split, {row['samples']:6d} samples: no-op run peak RSS {again['peak_rss_mib']:.1f} MiB ({again['wall_s']:.2f} s); "
+                f"index-only run (index + manifest deleted) peak RSS {index_only['peak_rss_mib']:.1f} MiB ({index_only['wall_s']:.2f} s)",
+                flush=True,
+            )
     if len(memory) >= 2:
         ratio = memory[-1]["peak_rss_mib"] / memory[0]["peak_rss_mib"]
         print(f"peak RSS {memory[-1]['samples']} vs {memory[0]['samples']} samples: ratio {ratio:.2f} (corpus ratio {memory[-1]['samples'] / memory[0]['samples']:.0f}x)")
@@ -316,6 +331,7 @@ def main() -> None:
     parser.add_argument("--noop-samples", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write all figures here")
     parser.add_argument("--skip-maskers", action="store_true", help="only the no-op and memory sections")
+    parser.add_argument("--phase-split", action="store_true", help="after the memory runs: peak RSS of a no-op run and of an index-only run per size")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=None, help="corpus sizes of the memory section (default 1000 4000 10000)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sam-spec", default="vit_b")
@@ -346,7 +362,7 @@ def main() -> None:
             noop = args.noop_samples or (1000 if args.quick else 10_000)
             sizes = args.memory_sizes or ([250, 1000] if args.quick else [1000, 4000, 10_000])
             print(f"== 2./3. no-op re-run over {noop} samples; peak RSS vs corpus size")
-            results.update(bench_memory_and_noop(work, sizes=sizes, noop_samples=noop, repeats=repeats))
+            results.update(bench_memory_and_noop(work, sizes=sizes, noop_samples=noop, repeats=repeats, phase_split=args.phase_split))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     finally:
