@@ -232,6 +232,23 @@ def _lpsam_overrides(pairs: dict, extra: Optional[list[str]]) -> dict:
     return overrides
 
 
+def _lpsam_training_options(*, data, val_data, sam_checkpoint, out, epochs, batch_size, lr, alpha, device, resume, progress) -> dict:
+    """The config keys both LP-SAM training stages take from the same command-line options."""
+    return {
+        "datasets": [str(p) for p in data] if data else None,
+        "val_datasets": [str(p) for p in val_data] if val_data else None,
+        "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None,
+        "out_dir": str(out) if out else None,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "alpha": alpha,
+        "device": device,
+        "resume": str(resume) if resume else None,
+        "progress": progress,
+    }
+
+
 _LPSAM_DATA_HELP = "Dataset folder with dataset.yaml (classes: {name: label value}) and img/ + label/ (repeatable)."
 
 
@@ -262,21 +279,12 @@ def lpsam_adapt_command(
 
     overrides = _lpsam_overrides(
         {
-            "datasets": [str(p) for p in data] if data else None,
-            "val_datasets": [str(p) for p in val_data] if val_data else None,
-            "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None,
-            "out_dir": str(out) if out else None,
+            **_lpsam_training_options(data=data, val_data=val_data, sam_checkpoint=sam_checkpoint, out=out, epochs=epochs, batch_size=batch_size,
+                                      lr=lr, alpha=alpha, device=device, resume=resume, progress=progress),
             "model.spec": spec,
             "model.image_size": image_size,
             "model.adapter_placement": adapter_placement,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "alpha": alpha,
             "prompt": prompt,
-            "device": device,
-            "resume": str(resume) if resume else None,
-            "progress": progress,
         },
         set_,
     )
@@ -309,19 +317,10 @@ def lpsam_train_prompter_command(
 
     overrides = _lpsam_overrides(
         {
-            "datasets": [str(p) for p in data] if data else None,
-            "val_datasets": [str(p) for p in val_data] if val_data else None,
-            "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None,
+            **_lpsam_training_options(data=data, val_data=val_data, sam_checkpoint=sam_checkpoint, out=out, epochs=epochs, batch_size=batch_size,
+                                      lr=lr, alpha=alpha, device=device, resume=resume, progress=progress),
             "adapter_checkpoint": str(adapter_checkpoint) if adapter_checkpoint else None,
-            "out_dir": str(out) if out else None,
             "train_decoder": train_decoder,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "alpha": alpha,
-            "device": device,
-            "resume": str(resume) if resume else None,
-            "progress": progress,
         },
         set_,
     )

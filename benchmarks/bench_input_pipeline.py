@@ -47,13 +47,9 @@ import torch  # noqa: E402
 
 
 def make_store(out: Path, *, count: int, height: int, width: int, per_shard: int) -> Path:
-    from shards.synthetic import synthetic_sample
-    from shards.writer import ShardWriter
+    from shards.synthetic import write_synthetic_store
 
-    with ShardWriter(out, samples_per_shard=per_shard) as writer:
-        for i in range(count):
-            writer.write(synthetic_sample(f"img{i:05d}", height=height, width=width, partition=12, overlapping=4, seed=i))
-    return out
+    return write_synthetic_store(out, count=count, samples_per_shard=per_shard, key_digits=5, height=height, width=width, partition=12, overlapping=4)
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:

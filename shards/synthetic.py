@@ -96,3 +96,18 @@ def synthetic_sample(
         "fingerprints": {"ingest": "a" * 16, "mask": "b" * 16},
     }
     return ShardSample.build(key=key, image=speckle_image(height=height, width=width, generator=generator), mask_set=mask_set, record=record, scales=scales)
+
+
+def write_synthetic_store(out, *, count: int, samples_per_shard: int, key_digits: int = 3, **sample_options):
+    """Write ``count`` :func:`synthetic_sample` s (keys ``img000``…, seed = sample number) into
+    shards of ``samples_per_shard`` under ``out``; returns ``out`` as a ``Path``.
+    ``sample_options`` go to :func:`synthetic_sample` (height, width, partition, ...)."""
+    from pathlib import Path
+
+    from shards.writer import ShardWriter
+
+    out = Path(out)
+    with ShardWriter(out, samples_per_shard=samples_per_shard) as writer:
+        for number in range(count):
+            writer.write(synthetic_sample(f"img{number:0{key_digits}d}", seed=number, **sample_options))
+    return out

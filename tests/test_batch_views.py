@@ -132,14 +132,9 @@ def test_alloc_batch_uses_one_buffer_in_and_out_of_workers():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from shards.synthetic import synthetic_sample
-    from shards.writer import ShardWriter
+    from shards.synthetic import write_synthetic_store
 
-    out = tmp_path_factory.mktemp("store")
-    with ShardWriter(out, samples_per_shard=5) as writer:
-        for i in range(12):
-            writer.write(synthetic_sample(f"img{i:03d}", height=48, width=64, partition=6, overlapping=3, seed=i))
-    return out
+    return write_synthetic_store(tmp_path_factory.mktemp("store"), count=12, samples_per_shard=5, height=48, width=64, partition=6, overlapping=3)
 
 
 def test_decode_into_the_batch_equals_the_plain_decode(store):

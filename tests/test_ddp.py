@@ -105,14 +105,10 @@ def _rank_main(rank: int, world_size: int, port: int, shards: str, workdir: str)
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
-    from shards.synthetic import synthetic_sample
-    from shards.writer import ShardWriter
+    from shards.synthetic import write_synthetic_store
 
-    out = tmp_path_factory.mktemp("ddp-shards")
-    with ShardWriter(out, samples_per_shard=5) as writer:  # uneven shards: 5, 5, 5, 1
-        for number in range(16):
-            writer.write(synthetic_sample(f"img{number:03d}", height=48, width=48, seed=number))
-    return out
+    # uneven shards: 5, 5, 5, 1
+    return write_synthetic_store(tmp_path_factory.mktemp("ddp-shards"), count=16, samples_per_shard=5, height=48, width=48)
 
 
 @pytest.mark.slow

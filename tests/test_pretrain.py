@@ -32,14 +32,9 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
-    from shards.synthetic import synthetic_sample
-    from shards.writer import ShardWriter
+    from shards.synthetic import write_synthetic_store
 
-    out = tmp_path_factory.mktemp("tiny-shards")
-    with ShardWriter(out, samples_per_shard=6) as writer:
-        for number in range(16):
-            writer.write(synthetic_sample(f"img{number:03d}", height=48, width=48, seed=number))
-    return out
+    return write_synthetic_store(tmp_path_factory.mktemp("tiny-shards"), count=16, samples_per_shard=6, height=48, width=48)
 
 
 def tiny_config(shards: Path, **overrides) -> PretrainConfig:

@@ -149,14 +149,9 @@ def test_bad_source_is_a_user_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from shards.synthetic import synthetic_sample
-    from shards.writer import ShardWriter
+    from shards.synthetic import write_synthetic_store
 
-    out = tmp_path_factory.mktemp("store")
-    with ShardWriter(out, samples_per_shard=5) as writer:
-        for i in range(13):
-            writer.write(synthetic_sample(f"img{i:03d}", height=48, width=64, seed=i))
-    return out
+    return write_synthetic_store(tmp_path_factory.mktemp("store"), count=13, samples_per_shard=5, height=48, width=64)
 
 
 def test_pretrain_loader_yields_the_contract_batch(store):

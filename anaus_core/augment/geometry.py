@@ -98,6 +98,8 @@ def warp_masks(masks: np.ndarray, box: CropBox, flip: bool, size: int) -> np.nda
     cols = nearest_exact_indices(box.left, box.width, size)
     if flip:
         cols = cols[::-1]
+    # rows then columns with np.take keeps every intermediate contiguous (a combined fancy index
+    # yields a strided array that later costs more to pack than the gather itself)
     return np.take(np.take(masks, rows, axis=1), cols, axis=2)
 
 
@@ -108,13 +110,7 @@ def warp_label_layers(layers: np.ndarray, box: CropBox, flip: bool, size: int) -
     ``warp_label_layers(layers)[l] == v`` is exactly ``warp_masks(layers[l] == v)``. Returns a
     contiguous (L, size, size) array of the layers' dtype.
     """
-    rows = nearest_exact_indices(box.top, box.height, size)
-    cols = nearest_exact_indices(box.left, box.width, size)
-    if flip:
-        cols = cols[::-1]
-    # rows then columns with np.take keeps every intermediate contiguous (a combined fancy index
-    # yields a strided array that later costs more to pack than the gather itself)
-    return np.take(np.take(layers, rows, axis=1), cols, axis=2)
+    return warp_masks(layers, box, flip, size)
 
 
 def warp_image(image: np.ndarray, box: CropBox, flip: bool, size: int) -> np.ndarray:

@@ -353,9 +353,14 @@ def run_adapt(config: AdaptConfig) -> TrainResult:
         train_loss=train_loss,
         validate=validate,
         payload_base=payload,
-        trained_state=lambda: {"adapters": {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()}},
+        trained_state=lambda: {"adapters": _cpu_copy(model.adapter_state_dict())},
         device=device,
     )
+
+
+def _cpu_copy(state: dict) -> dict:
+    """Detached CPU copies of a state dict's tensors (what a checkpoint stores)."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
 
 
 # -- stage 2 -------------------------------------------------------------------------------------
@@ -397,9 +402,9 @@ def run_train_prompter(config: PrompterConfig) -> TrainResult:
         return logits, batch["class_valid"]
 
     def trained_state():
-        state = {"prompt_engine": {k: v.detach().cpu().clone() for k, v in model.engine_state_dict().items()}}
+        state = {"prompt_engine": _cpu_copy(model.engine_state_dict())}
         if config.train_decoder:
-            state["mask_decoder"] = {k: v.detach().cpu().clone() for k, v in model.decoder_state_dict().items()}
+            state["mask_decoder"] = _cpu_copy(model.decoder_state_dict())
         return state
 
     payload = {
