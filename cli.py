@@ -396,6 +396,7 @@ def shard_data_source(config):
 def pretrain_command(
     shards: Optional[Path] = typer.Option(None, "--shards", help="Shard folder written by `anaus precompute-masks` (shards + index.zarr). Required unless the config or the resumed run names it."),
     out: Path = typer.Option(..., "--out", help="Run folder: config.yaml, metrics.jsonl, loss_curve.png, checkpoints/, encoder.pt, fpn.pt."),
+    method: Optional[str] = typer.Option(None, "--method", help="Pre-training method: anaus (default) or avit."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps to train (wins over --epochs)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the shards (default 300 when --steps is not given)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimiser step, over all GPUs and accumulation steps (default 192). lr = base_lr x batch/256."),
@@ -423,7 +424,7 @@ def pretrain_command(
     from anaus_core.train import PretrainConfig, load_checkpoint, pretrain, resolve_resume_path
 
     overrides = {
-        "data.shards": str(shards) if shards is not None else None,
+        "method": method, "data.shards": str(shards) if shards is not None else None,
         "data.batch_size": batch_size, "data.num_workers": num_workers, "views.size": crop_size,
         "views.num_mask_samples": masks_per_image, "optim.base_lr": lr, "optim.warmup_epochs": warmup_epochs,
         "optim.accumulation_steps": accumulation_steps, "run.steps": steps, "run.epochs": epochs,

@@ -186,7 +186,8 @@ class AnaUSModel(nn.Module):
         ema_update_(self.target_projectors, self.projectors, momentum)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
+                step: int = 0) -> dict[str, Tensor]:
         config = self.config
         view1, view2 = batch["view1"], batch["view2"]
         batch_size = view1.shape[0]
@@ -301,12 +302,16 @@ def build_anaus_model(config: AnaUSConfig | Mapping[str, Any] | None = None) -> 
     elif isinstance(config, Mapping):
         config = apply_overrides(AnaUSConfig(), dict(config))
     config.validate()
+    return AnaUSModel(config=config, encoder=build_encoder(config))
+
+
+def build_encoder(config: AnaUSConfig) -> ResNetFPN:
+    """The online ResNet-FPN of ``config`` (random init, or ``pretrained_weights``)."""
     # without L_ctx only the contrast scales need features (e.g. no FPN for scale 7 alone)
     encoder_scales = tuple(config.scales) if config.context else config.contrast_scales()
-    encoder = build_resnet_fpn(
+    return build_resnet_fpn(
         arch=config.arch,
         scales=encoder_scales,
         fpn_channels=config.fpn_channels,
         pretrained_weights=config.pretrained_weights,
     )
-    return AnaUSModel(config=config, encoder=encoder)
