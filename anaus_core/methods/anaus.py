@@ -62,6 +62,11 @@ class AnaUSMethod(AnaUSModel, PretrainMethod):
                 prepared[key] = prepared[key].contiguous(memory_format=torch.channels_last)
         return prepared
 
+    def begin_step(self, prepared: Sequence[Mapping[str, Tensor]], *,
+                   generators: Sequence[torch.Generator], step: int = 0) -> None:
+        """Target projections of the whole step first (global negatives under accumulation)."""
+        self.precompute_step_targets(prepared)
+
     def after_optimizer_step(self, *, step: int, total_steps: int) -> dict[str, float]:
         momentum = float(cosine_momentum(step, total_steps, base=self.ema_base))
         self.update_target(momentum)

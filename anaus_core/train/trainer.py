@@ -188,12 +188,17 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast when ``amp`` is on and the device is CUDA (never on CPU)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def forward_losses(model, prepared: Mapping[str, torch.Tensor], *, generator: torch.Generator,
                    device: torch.device, amp: bool, step: int = 0) -> dict[str, torch.Tensor]:
     """``model(prepared)`` under bf16 autocast when ``amp`` is on and the device is CUDA."""
-    use_amp = amp and device.type == "cuda"
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-    with autocast:
+    with _autocast(device, amp):
         losses = model(prepared, generator=generator, step=step)
     if "loss" not in losses:
         raise RuntimeError("the method's forward must return a dict with a 'loss' entry")
@@ -378,7 +383,8 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                     prepared_batches.append(model.prepare_batch(batch, device=device, generator=generator))
                     generators.append(generator)
                     del batch
-                model.begin_step(prepared_batches, generators=generators, step=step)
+                with _autocast(device, config.run.amp):
+                    model.begin_step(prepared_batches, generators=generators, step=step)
                 step_values: dict[str, torch.Tensor] = {}
                 for micro in range(accumulation):
                     prepared, generator = prepared_batches[micro], generators[micro]
