@@ -207,8 +207,8 @@ def bench_throughput(args, workdir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 STEP_VARIANTS = {
-    "old": {"model.static_shapes": False, "optim.foreach": False, "run.compile": "off"},
-    "new": {"model.static_shapes": True, "optim.foreach": True},
+    "old": {"model.static_shapes": "off", "optim.foreach": False, "run.compile": "off"},
+    "new": {"model.static_shapes": "auto", "optim.foreach": True},
 }
 
 

@@ -76,9 +76,9 @@ def _step_losses(shards, tmp_path, name, **overrides):
 
 
 def test_fast_step_gives_the_eager_losses_over_5_steps(tiny_shards, tmp_path):
-    eager = _step_losses(tiny_shards, tmp_path, "eager", **{"model.static_shapes": False, "optim.foreach": False,
+    eager = _step_losses(tiny_shards, tmp_path, "eager", **{"model.static_shapes": "off", "optim.foreach": False,
                                                            "run.compile": "off"})
-    fast = _step_losses(tiny_shards, tmp_path, "fast", **{"model.static_shapes": True, "optim.foreach": True,
+    fast = _step_losses(tiny_shards, tmp_path, "fast", **{"model.static_shapes": "on", "optim.foreach": True,
                                                          "run.compile": "off"})
     assert len(eager) == len(fast) == 5
     for step, (a, b) in enumerate(zip(eager, fast)):

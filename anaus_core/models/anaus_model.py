@@ -66,8 +66,10 @@ class AnaUSConfig:
     damage_occlusion: bool = True
     sync_batchnorm: bool = False            # SyncBatchNorm conversion, applied by the trainer
     # heads see every row and take BatchNorm statistics over the valid ones (same maths as
-    # selecting the valid rows, without the host-device sync and data-dependent shapes)
-    static_shapes: bool = True
+    # selecting the valid rows, without the host-device sync and data-dependent shapes):
+    # "auto" = on accelerators only (on the CPU a sync costs nothing and the invalid rows'
+    # work does: 7 % slower there, docs/benchmarks.md), "on" / "off" force it
+    static_shapes: Literal["auto", "on", "off"] = "auto"
 
     def damage_settings(self) -> DamageSettings:
         return DamageSettings(
@@ -95,6 +97,8 @@ class AnaUSConfig:
             raise ConfigError(f"model.single_scale: {self.single_scale} is not in model.scales {list(self.scales)}")
         if self.temperature <= 0:
             raise ConfigError(f"model.temperature: must be > 0, got {self.temperature}")
+        if self.static_shapes not in ("auto", "on", "off"):
+            raise ConfigError(f"model.static_shapes: must be auto, on or off, got {self.static_shapes!r}")
         if self.lambda_ctx < 0:
             raise ConfigError(f"model.lambda_ctx: must be >= 0, got {self.lambda_ctx}")
         for name in ("fpn_channels", "projector_hidden_dim", "projector_dim", "predictor_hidden_dim"):
@@ -106,7 +110,7 @@ class AnaUSConfig:
             raise ConfigError(f"model: {exc}") from None
 
 
-def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor, static: bool = False) -> Tensor:
+def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor, static: bool | str = False) -> Tensor:
     """Apply ``head`` to the valid rows of (N, K, C) -> (N, K, D); other rows are zero.
 
     ``valid`` (N, K) marks the rows holding a real (non-empty mask) pooled vector: only they
@@ -117,7 +121,9 @@ def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor, static: bool = 
     """
     batch, num_masks, channels = vectors.shape
     rows = vectors.reshape(batch * num_masks, channels)
-    if static and head.supports_masked():
+    if static == "auto":
+        static = vectors.device.type != "cpu"
+    if static in (True, "on") and head.supports_masked():
         return head.forward_masked(rows, valid.reshape(-1)).reshape(batch, num_masks, -1)
     index = valid.reshape(-1).nonzero().squeeze(1)
     if index.numel() < 2:
