@@ -92,6 +92,9 @@ class AnaUSMethod(AnaUSModel, PretrainMethod):
     def compile_for_training(self, **kwargs: Any) -> None:
         """``torch.compile`` the four networks in place (``Module.compile``: state-dict keys are
         unchanged, so checkpoints and export do not see it)."""
+        # static shapes: the encoders see two batch sizes (2B views, B core), one graph each,
+        # no dynamic-shape recompiles; CUDA-graph friendly
+        kwargs.setdefault("dynamic", False)
         for module in (self.online_encoder, self.target_encoder):
             module.compile(**kwargs)
 
