@@ -98,3 +98,44 @@ def test_compiled_step_gives_the_eager_losses(tiny_shards, tmp_path):
     for step, (a, b) in enumerate(zip(eager, compiled)):
         for key in a:   # TF32 matmuls on both sides; the fused kernels round differently
             assert b[key] == pytest.approx(a[key], rel=5e-3, abs=1e-4), (step, key)
+
+
+@pytest.mark.slow
+def test_compiled_graphs_capture_the_step_without_recompiling(tiny_shards):
+    # torch.compile's graph capture (dynamo + AOT autograd) on the CPU with the "aot_eager"
+    # backend: the same losses and BatchNorm buffers as eager over 4 steps (the damaged-core
+    # forward swaps BN buffers: no recompile), one graph per encoder and batch size. Inductor's
+    # code generation is what the GPU test above adds.
+    import torch._dynamo
+
+    from anaus_core.train.trainer import build_model, make_generator
+
+    config = tiny_config(tiny_shards)
+    eager = build_model(config)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled.compile_for_training(backend="aot_eager")
+    batch = next(iter(data_source(config).loader(epoch=0, skip_batches=0, batch_size=4, rank=0, world_size=1)))
+    cpu = torch.device("cpu")
+    for step in range(4):
+        losses = []
+        for method in (eager, compiled):
+            generator = make_generator(cpu, step)
+            prepared = method.prepare_batch(batch, device=cpu, generator=generator)
+            method.begin_step([prepared], generators=[generator])
+            out = method(prepared, generator=generator)
+            out["loss"].backward()
+            with torch.no_grad():
+                for p in method.parameters():
+                    if p.grad is not None:
+                        p.sub_(0.01 * p.grad)
+                        p.grad = None
+            method.after_optimizer_step(step=step, total_steps=10)
+            losses.append({k: v.detach() for k, v in out.items()})
+        for key in losses[0]:
+            torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-5, atol=1e-6, msg=key)
+    for name, buffer in eager.online_encoder.named_buffers():
+        torch.testing.assert_close(dict(compiled.online_encoder.named_buffers())[name], buffer, msg=name)
+    # online: views (2B) and damaged core (B); target: views and core -> 4 graphs, no recompiles
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
