@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from anaus_core.lpsam.mask_set import amg_records_to_mask_set, class_components, merge_proposals
 from anaus_core.lpsam.model import LPSAM
 from anaus_core.maskset import MaskSet
+from anaus_core.sam.fast import upload_uint8
 
 
 @dataclass
@@ -108,26 +109,14 @@ class LPSAMPredictor:
         handling and the antialiased resize to S x S run on the device."""
         size = self.model.image_size
         in_chans = self.model.in_chans
-        arrays = []
-        for image in images:
-            array = np.asarray(image)
+        arrays = [np.asarray(image) for image in images]
+        for array in arrays:
             if array.dtype != np.uint8:
                 raise ValueError(f"expected uint8 images, got {array.dtype}")
             if array.ndim not in (2, 3):
                 raise ValueError(f"expected (H, W) or (H, W, C) images, got shape {array.shape}")
-            arrays.append(array)
-        cuda = self.device.type == "cuda"
-        host = torch.empty(sum(a.size for a in arrays), dtype=torch.uint8, pin_memory=cuda)
-        host_view = host.numpy()
-        offset = 0
-        for array in arrays:
-            np.copyto(host_view[offset : offset + array.size].reshape(array.shape), array)
-            offset += array.size
-        flat = host.to(self.device, non_blocking=True) if cuda else host
-        batch, offset = [], 0
-        for array in arrays:
-            raw = flat[offset : offset + array.size].view(array.shape)
-            offset += array.size
+        batch = []
+        for array, raw in zip(arrays, upload_uint8(arrays, self.device)):
             tensor = (raw[None] if array.ndim == 2 else raw.permute(2, 0, 1)).float()
             if tensor.shape[0] != in_chans:
                 if tensor.shape[0] == 1:

@@ -10,6 +10,8 @@
 * ``set_attention(module, "sdpa" | "reference")`` switches every such attention inside
   ``module`` in place by changing the instance's class (parameters, buffers, ``state_dict``
   keys and checkpoints stay exactly the same; "reference" restores segment_anything's forward).
+* ``upload_uint8``: a batch of uint8 arrays of any shapes to the device with ONE pinned buffer
+  and one non-blocking copy.
 * ``decode_single_masks``: segment_anything's ``MaskDecoder`` run once for a batch of images x
   prompts (``MaskDecoder.predict_masks`` repeats ONE image embedding for all prompts, so callers
   had to loop over images). It calls the decoder's own sub-modules (two-way transformer, output
@@ -19,6 +21,9 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from segment_anything.modeling import image_encoder as sam_image_encoder
 from segment_anything.modeling import transformer as sam_transformer
@@ -144,3 +149,29 @@ def decode_single_masks(
     masks = torch.bmm(hyper.unsqueeze(1), upscaled.reshape(rows, up_channels, up_height * up_width))
     iou = mask_decoder.iou_prediction_head(iou_token_out)[:, 0]
     return masks.reshape(batch, prompts, up_height, up_width), iou.reshape(batch, prompts)
+
+
+def upload_uint8(arrays: Sequence[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """uint8 arrays (any shapes) -> uint8 tensors of the same shapes on ``device``.
+
+    On CUDA the bytes are packed into one pinned host buffer (PyTorch's caching host allocator
+    reuses it) and copied with ``non_blocking=True``, so the copy overlaps whatever the device is
+    still doing; on the CPU the packed buffer is returned as views (no further copy).
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    for array in arrays:
+        if array.dtype != np.uint8:
+            raise ValueError(f"expected uint8 arrays, got {array.dtype}")
+    cuda = torch.device(device).type == "cuda"
+    host = torch.empty(sum(a.size for a in arrays), dtype=torch.uint8, pin_memory=cuda)
+    host_view = host.numpy()
+    offset = 0
+    for array in arrays:
+        np.copyto(host_view[offset : offset + array.size].reshape(array.shape), array)
+        offset += array.size
+    flat = host.to(device, non_blocking=True) if cuda else host
+    out, offset = [], 0
+    for array in arrays:
+        out.append(flat[offset : offset + array.size].view(array.shape))
+        offset += array.size
+    return out
