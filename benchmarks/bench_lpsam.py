@@ -11,7 +11,8 @@ A random-initialised LP-SAM (no checkpoint needed) is built in memory. Two code 
 Modes (``--mode``, several allowed):
 
 * ``forward``: images/s of the model call (encoder + prompt engine + decoder), median of
-  ``--repeats`` timed repeats of ``--iters`` calls after a warm-up; peak GPU memory; FLOPs per
+  ``--repeats`` timed repeats of ``--iters`` calls after a warm-up, old and new alternating
+  within each repeat (fair on a shared machine); peak GPU memory; FLOPs per
   image counted with ``torch.utils.flop_counter.FlopCounterMode`` on the old path (its explicit
   matmuls are the model's arithmetic; CPU SDPA kernels are not counted by the counter), achieved
   TFLOP/s, and on CUDA the MFU against the device's dense bf16 peak (``PEAK_BF16_TFLOPS``; an
@@ -20,8 +21,10 @@ Modes (``--mode``, several allowed):
   forward, new predictor (device post-processing, worker threads) vs old path (reference model,
   post-processing inline).
 * ``precompute``: ``precompute-masks --masker lpsam`` end to end (synthetic PNG corpus, random
-  LP-SAM checkpoint) with and without the ingest prefetch, against the bare model rate at the same
-  batch size and precision: the ratio the issue asks to be >= 0.8.
+  LP-SAM checkpoint; wall time including model loading and packing) for ``--runs WORKERS:PREFETCH``
+  settings (in-process without / with the ingest prefetch; N worker processes, each with its own
+  model on the device), against the bare model rate at the same batch size and precision: the
+  ratio the issue asks to be >= 0.8.
 
 GPU (one command, < ~8 minutes on an H100/H200): benchmarks/gpu_check.sh
 CPU:
@@ -119,16 +122,40 @@ def count_flops_per_image(model, size: int, device: torch.device) -> int:
 
 
 def variant(model, path: str, dtype: str, *, compile: bool):
-    """(callable model, autocast?) for a path/dtype; the new bf16 path is a bf16 copy."""
+    """(callable model, autocast?) for a path/dtype: a copy of ``model`` on that path (the old
+    bf16 path autocasts fp32 weights; the new one is a bf16 copy)."""
+    model = copy.deepcopy(model).set_fast_path(path == "new")
     if path == "old":
-        return model.set_fast_path(False), dtype == "bf16"
-    model.set_fast_path(True)
+        return model, dtype == "bf16"
     if dtype == "bf16":
-        low = copy.deepcopy(model).to(torch.bfloat16)
-        low.image_encoder.normalizer.float()
-        low.prompt_encoder.float()
-        model = low
+        model.to(torch.bfloat16)
+        model.image_encoder.normalizer.float()
+        model.prompt_encoder.float()
     return (torch.compile(model) if compile else model), False
+
+
+def time_paths(calls: dict, *, device, repeats: int, iters: int, deadline: float) -> tuple[dict, dict]:
+    """Median seconds per call and peak MiB for each path; the paths alternate within every
+    repeat so that a shared machine's load affects old and new alike."""
+    peaks = {path: 0.0 for path in calls}
+    for call in calls.values():
+        call()  # warm-up (cuDNN autotuning, allocator, compilation)
+    synchronize(device)
+    seconds: dict[str, list[float]] = {path: [] for path in calls}
+    for _ in range(repeats):
+        for path, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                call()
+            synchronize(device)
+            seconds[path].append((time.perf_counter() - start) / iters)
+            if device.type == "cuda":
+                peaks[path] = max(peaks[path], torch.cuda.max_memory_allocated(device) / 2**20)
+        if time.perf_counter() > deadline:
+            break
+    return {path: statistics.median(values) for path, values in seconds.items()}, peaks
 
 
 def bench_forward(args, device) -> None:
@@ -142,43 +169,46 @@ def bench_forward(args, device) -> None:
         torch.manual_seed(0)
         model = build_lpsam(model_config(args.spec, size), class_names=CLASSES).to(device).eval()
         flops = count_flops_per_image(model, size, device)
-        failed_from: dict[tuple[str, str], int] = {}
-        for batch_size in args.batch_sizes:
-            for dtype in args.dtypes:
-                rates: dict[str, float] = {}
-                for path in args.paths:
-                    label = f"{size:>5} {batch_size:>5} {dtype:>5} {path:>4}"
-                    if time.perf_counter() > deadline:
-                        print(f"{label} skipped (time budget)")
-                        continue
-                    if (dtype, path) in failed_from and batch_size >= failed_from[(dtype, path)]:
-                        print(f"{label} OOM (smaller batch already failed)")
-                        continue
-                    runner, autocast = variant(model, path, dtype, compile=args.compile and path == "new")
-                    pixels = torch.rand(batch_size, 1, size, size, device=device) * 255
+        failed_from: dict[str, int] = {}
+        for dtype in args.dtypes:
+            runners = {path: variant(model, path, dtype, compile=args.compile and path == "new") for path in args.paths}
+            for batch_size in args.batch_sizes:
+                label = f"{size:>5} {batch_size:>5} {dtype:>5}"
+                if time.perf_counter() > deadline:
+                    print(f"{label} skipped (time budget)")
+                    continue
+                if dtype in failed_from and batch_size >= failed_from[dtype]:
+                    print(f"{label} OOM (smaller batch already failed)")
+                    continue
+                pixels = torch.rand(batch_size, 1, size, size, device=device) * 255
 
-                    def forward():
+                def make_call(runner, autocast):
+                    def call():
                         with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                             return runner(pixels)
 
-                    try:
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                            torch.cuda.reset_peak_memory_stats(device)
-                        seconds = statistics.median(time_call(forward, device=device, repeats=args.repeats, iters=args.iters, deadline=deadline))
-                    except torch.cuda.OutOfMemoryError:
-                        failed_from[(dtype, path)] = batch_size
-                        del pixels, runner
+                    return call
+
+                calls = {path: make_call(*runners[path]) for path in args.paths}
+                try:
+                    if device.type == "cuda":
                         torch.cuda.empty_cache()
-                        print(f"{label} OOM")
-                        continue
-                    rate = rates[path] = batch_size / seconds
-                    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+                    seconds, peaks = time_paths(calls, device=device, repeats=args.repeats, iters=args.iters, deadline=deadline)
+                except torch.cuda.OutOfMemoryError:
+                    failed_from[dtype] = batch_size
+                    del pixels, calls
+                    torch.cuda.empty_cache()
+                    print(f"{label} OOM (one of the paths)")
+                    continue
+                for path in args.paths:
+                    rate = batch_size / seconds[path]
+                    memory = peaks[path] if device.type == "cuda" else float("nan")
                     tflops = rate * flops / 1e12
                     mfu = f"{100 * tflops / peak:5.1f}%" if (peak and dtype == "bf16") else "-"
-                    ratio = f"{rates['new'] / rates['old']:.2f}x" if path == "new" and "old" in rates else ""
-                    print(f"{label} {rate:>9.2f} {memory:>9.0f} {flops / 1e9:>9.2f} {tflops:>8.3f} {mfu:>6} {ratio:>7}", flush=True)
-                    del runner
+                    ratio = f"{seconds['old'] / seconds['new']:.2f}x" if path == "new" and "old" in seconds else ""
+                    print(f"{label} {path:>4} {rate:>9.2f} {memory:>9.0f} {flops / 1e9:>9.2f} {tflops:>8.3f} {mfu:>6} {ratio:>7}", flush=True)
+                del pixels, calls
+            del runners
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -264,15 +294,18 @@ def bench_precompute(args, device) -> None:
         del predictor, model, pixels
         print(f"# precompute-masks --masker lpsam end to end: {args.images} PNGs {size + size // 4}x{size}, spec {args.spec}, stored/model size {size}, batch {batch_size}, {precision}, device {device}")
         print(f"bare model (forward only): {bare:.1f} img/s")
-        for prefetch in args.prefetch:
+        for run in args.runs:
+            workers, prefetch = (int(part) for part in run.split(":"))
             config = PrecomputeConfig(
-                corpus=str(corpus), out=str(root / f"out{prefetch}"), masker="lpsam", checkpoint=str(checkpoint), sam_checkpoint=str(sam),
+                corpus=str(corpus), out=str(root / f"out-{workers}-{prefetch}"), workers=workers, masker="lpsam", checkpoint=str(checkpoint), sam_checkpoint=str(sam),
                 masker_options={"threshold": 0.5, "precision": precision, "compile": args.compile}, stored_size=size, batch_size=batch_size,
                 device=str(device), prefetch=prefetch, progress=False, samples_per_shard=1000,
             )
             report = run_precompute(config, show_report=False)
             rate = args.images / report.wall_seconds
-            print(f"prefetch {prefetch}: {rate:.1f} img/s end to end (wall {report.wall_seconds:.1f} s incl. model load, masker {report.masker_seconds:.1f} s), ratio to bare model {rate / bare:.2f}")
+            stages = ", ".join(f"{name} {summary.seconds:.1f} s" for name, summary in report.stages.items())
+            print(f"workers {workers}, prefetch {prefetch}: {rate:.1f} img/s end to end (wall {report.wall_seconds:.1f} s incl. model load; masker calls {report.masker_seconds:.1f} s; "
+                  f"stage time {stages}; pack {report.pack_seconds:.1f} s), ratio to bare model {rate / bare:.2f}")
 
 
 def main() -> None:
@@ -286,7 +319,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the new path")
     parser.add_argument("--images", type=int, default=64, help="corpus size of --mode precompute")
-    parser.add_argument("--prefetch", type=int, nargs="+", default=[0, 2], help="--mode precompute: prefetch settings to run")
+    parser.add_argument("--runs", nargs="+", default=["0:0", "0:2"], help="--mode precompute: WORKERS:PREFETCH settings to run (workers 0 = in-process)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--time-budget", type=float, default=180.0, help="seconds per mode; later configurations are skipped once spent")

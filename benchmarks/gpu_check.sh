@@ -19,8 +19,8 @@ run() {
 }
 echo "# gpu_check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-run 90 "$PY" -m pytest tests/test_lpsam_fast_predict.py -q -m gpu -p no:cacheprovider
-run 120 "$PY" benchmarks/bench_lpsam.py --device cuda --mode forward --spec vit_b --sizes 256 --batch-sizes 32 128 --dtypes bf16 --repeats 3 --iters 5 --time-budget 70
-run 90 "$PY" benchmarks/bench_lpsam.py --device cuda --mode forward --spec vit_b --sizes 1024 --batch-sizes 8 --dtypes bf16 --repeats 3 --iters 3 --time-budget 70
-run 120 "$PY" benchmarks/bench_lpsam.py --device cuda --mode forward --spec vit_b --sizes 256 --batch-sizes 128 --dtypes bf16 --paths new --compile --repeats 3 --iters 5 --time-budget 100
-run 100 "$PY" benchmarks/bench_lpsam.py --device cuda --mode precompute --spec vit_b --sizes 256 --batch-sizes 64 --dtypes bf16 --images 2048 --prefetch 0 4 --repeats 3 --iters 5
+run 75 "$PY" -m pytest tests/test_lpsam_fast_predict.py -q -m gpu -p no:cacheprovider
+run 110 "$PY" benchmarks/bench_lpsam.py --device cuda --mode forward --spec vit_b --sizes 256 --batch-sizes 32 128 --dtypes bf16 --repeats 3 --iters 5 --time-budget 70
+run 80 "$PY" benchmarks/bench_lpsam.py --device cuda --mode forward --spec vit_b --sizes 1024 --batch-sizes 8 --dtypes bf16 --repeats 3 --iters 3 --time-budget 70
+run 100 "$PY" benchmarks/bench_lpsam.py --device cuda --mode forward --spec vit_b --sizes 256 --batch-sizes 128 --dtypes bf16 --paths new --compile --repeats 3 --iters 5 --time-budget 80
+run 140 "$PY" benchmarks/bench_lpsam.py --device cuda --mode precompute --spec vit_b --sizes 256 --batch-sizes 64 --dtypes bf16 --images 4096 --runs 0:0 0:4 8:0 --repeats 3 --iters 5
