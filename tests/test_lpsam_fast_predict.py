@@ -96,6 +96,7 @@ def test_precision_resolution():
     assert resolve_precision(None, amp=True, device=cuda) == "bf16"
     assert resolve_precision(None, amp=False, device=cuda) == "fp32"
     assert resolve_precision("bf16-autocast", amp=True, device=cuda) == "bf16-autocast"
+    assert resolve_precision(None, amp=True, device=cuda, amg=True) == "bf16-autocast"
     with pytest.raises(ValueError):
         resolve_precision("fp16", amp=True, device=cpu)
 
@@ -108,6 +109,11 @@ def test_bf16_predictor_runs_on_cpu(trained):
     assert model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
     mask_sets = predictor.predict(trained["images"], finalize=True)
     assert [m.shape for m in mask_sets] == [image.shape[:2] for image in trained["images"]]
+    # With SAM's automatic-mask generator, bf16 means autocast over fp32 weights.
+    model = load_lpsam(trained["checkpoint"], sam_checkpoint=trained["sam"])[0]
+    predictor = LPSAMPredictor(model, precision="bf16", options=PredictorOptions(threshold=0.3, min_area=4, amg=True, amg_points_per_side=4))
+    assert predictor.precision == "bf16-autocast" and model.image_encoder.vit.patch_embed.proj.weight.dtype == torch.float32
+    assert predictor.predict(trained["images"][:1], finalize=True)[0].shape == trained["images"][0].shape[:2]
 
 
 @pytest.mark.gpu

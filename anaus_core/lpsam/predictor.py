@@ -32,13 +32,15 @@ class PredictorOptions:
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 
 
-def resolve_precision(precision: str | None, *, amp: bool, device: torch.device) -> str:
-    """``None`` -> ``"bf16"`` on CUDA when ``amp``, else ``"fp32"``; an explicit value is checked."""
+def resolve_precision(precision: str | None, *, amp: bool, device: torch.device, amg: bool = False) -> str:
+    """``None`` -> ``"bf16"`` on CUDA when ``amp``, else ``"fp32"``; an explicit value is checked.
+    With ``amg`` a bf16 request becomes ``"bf16-autocast"``: segment_anything's automatic-mask
+    generator needs fp32 weights (it runs in fp32; only the class-mask forward autocasts)."""
     if precision is None:
-        return "bf16" if (amp and device.type == "cuda") else "fp32"
+        precision = "bf16" if (amp and device.type == "cuda") else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
+    return "bf16-autocast" if (amg and precision == "bf16") else precision
 
 
 class LPSAMPredictor:
@@ -81,7 +83,8 @@ class LPSAMPredictor:
         options: PredictorOptions | None = None,
     ) -> None:
         self.device = torch.device(device)
-        self.precision = resolve_precision(precision, amp=amp, device=self.device)
+        self.options = options or PredictorOptions()
+        self.precision = resolve_precision(precision, amp=amp, device=self.device, amg=self.options.amg)
         self.model = model.to(self.device).eval()
         if self.precision == "bf16":
             self.model.to(torch.bfloat16)
@@ -93,7 +96,6 @@ class LPSAMPredictor:
         self.amp = self.precision != "fp32"
         self.compile = bool(compile)
         self._forward = torch.compile(self.model) if self.compile else self.model
-        self.options = options or PredictorOptions()
         self._pool = ThreadPoolExecutor(max_workers=int(postprocess_workers), thread_name_prefix="lpsam-post") if postprocess_workers > 0 else None
         self._amg = None
 
@@ -201,8 +203,9 @@ class LPSAMPredictor:
     def amg_proposals(self, image: np.ndarray) -> MaskSet:
         array = np.asarray(image)
         rgb = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
-            records = self._amg_generator().generate(np.ascontiguousarray(rgb))
+        # fp32: segment_anything's generator converts its tensors to numpy, which has no bf16
+        # (so a "bf16" predictor with amg keeps fp32 weights: resolve_precision).
+        records = self._amg_generator().generate(np.ascontiguousarray(rgb))
         return amg_records_to_mask_set(records, array.shape[0], array.shape[1])
 
     def _components(self, unpack, index: int, finalize: bool, max_masks: int) -> MaskSet:

@@ -97,7 +97,7 @@ class LPSAMMasker:
             raise ValueError(f"bad device {device!r} ({exc})") from None
         self.batch_size = int(batch_size)
         self.amp = bool(amp)
-        self.precision = resolve_precision(precision, amp=self.amp, device=self.device)
+        self.precision = resolve_precision(precision, amp=self.amp, device=self.device, amg=self.options.amg)
         self.compile = bool(compile)
         self.postprocess_workers = int(postprocess_workers)
         self._predictor = None
