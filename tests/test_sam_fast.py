@@ -164,3 +164,27 @@ def test_bf16_weights_close_to_fp32_on_cpu():
     assert out.dtype == torch.bfloat16
     error = (out.float() - ref).abs().max() / ref.abs().max()
     assert error < 0.1, error
+
+
+def test_sam_masker_with_sdpa_equals_reference_attention(tmp_path):
+    """The vanilla-SAM masker (SDPA by default) gives the reference attention's mask sets."""
+    import numpy as np
+
+    from anaus_core.maskers import build_masker
+    from anaus_core.sam import save_random_sam_checkpoint
+
+    checkpoint = save_random_sam_checkpoint(tmp_path / "tiny_sam.pth", "tiny", seed=0)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:80, :64]
+    image = np.clip(rng.gamma(2.0, 30.0, (80, 64)) + 100 * (np.hypot(yy - 40, xx - 30) < 18), 0, 255).astype(np.uint8)
+    options = dict(checkpoint=checkpoint, image_size=64, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    fast_masker = build_masker("sam", **options)
+    assert attention_kind(fast_masker.sam) == "sdpa"
+    reference_masker = build_masker("sam", **options)
+    set_attention(reference_masker.sam, "reference")
+    (fast,) = fast_masker([image], [None])
+    (reference,) = reference_masker([image], [None])
+    assert len(fast) == len(reference) >= 1 and fast.sources == reference.sources
+    np.testing.assert_allclose(fast.scores, reference.scores, atol=1e-4)
+    for a, b in zip(fast.masks, reference.masks):
+        assert (a & b).sum() / max((a | b).sum(), 1) > 0.99
