@@ -128,3 +128,21 @@ def test_bf16_and_compile_on_cuda_close_to_fp32(trained, compile):
         assert np.abs(p32 - p16).mean() < 0.02
         np.testing.assert_allclose(iou16, iou32, atol=0.05)
         assert ((p32 > 0.3) == (p16 > 0.3)).mean() > 0.98
+
+
+def test_lpsam_masker_options_and_fingerprint(trained):
+    from anaus_core.maskers.lpsam import LPSAMMasker
+
+    common = dict(checkpoint=trained["checkpoint"], sam_checkpoint=trained["sam"], threshold=0.3, min_area=4, batch_size=4)
+    plain = LPSAMMasker(**common, postprocess_workers=0)
+    options = plain.fingerprint()["options"]
+    assert options["bf16"] is False and "precision" not in options  # fp32 fingerprints as before issue 13
+    low = LPSAMMasker(**common, precision="bf16")
+    assert low.fingerprint()["options"]["precision"] == "bf16" and low.fingerprint() != plain.fingerprint()
+    assert LPSAMMasker(**common, compile=True).fingerprint() == plain.fingerprint()  # compile changes no output
+    threaded = LPSAMMasker(**common, postprocess_workers=3)
+    images = trained["images"]
+    for a, b in zip(plain(images, [None] * len(images)), threaded(images, [None] * len(images))):
+        assert a == b
+    with pytest.raises(ValueError):
+        LPSAMMasker(**common, precision="fp16")
