@@ -45,8 +45,11 @@ def decomposed_rel_pos_bias(
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
-    r_h = get_rel_pos(q_h, k_h, rel_pos_h).to(q.dtype)  # (q_h, k_h, C)
-    r_w = get_rel_pos(q_w, k_w, rel_pos_w).to(q.dtype)  # (q_w, k_w, C)
+    # get_rel_pos builds its index with torch.arange on the default device; making that the
+    # tensors' device avoids a blocking pageable host->device copy in every attention layer.
+    with torch.device(q.device):
+        r_h = get_rel_pos(q_h, k_h, rel_pos_h).to(q.dtype)  # (q_h, k_h, C)
+        r_w = get_rel_pos(q_w, k_w, rel_pos_w).to(q.dtype)  # (q_w, k_w, C)
     batch, heads, _, dim = q.shape
     r_q = q.reshape(batch, heads, q_h, q_w, dim)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
