@@ -163,6 +163,9 @@ def precompute_masks_command(
     strict: bool = typer.Option(False, "--strict", help="Any skipped input fails the run (index left unchanged, exit 3)."),
     gc: bool = typer.Option(False, "--gc", help="Delete cache entries the current corpus no longer uses."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    no_scan_region: bool = typer.Option(False, "--no-scan-region", help="Use the whole image instead of the detected scan region (fan/rectangle of echo data)."),
+    region_option: Optional[list[str]] = typer.Option(None, "--region-option", help="Scan-region setting key=value (repeatable; see docs/precompute.md)."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv (columns path,group) naming each source's group (default: CORPUS/groups.csv if present)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PrecomputeConfig fields; options override it."),
 ) -> None:
     """Compute mask sets, pyramids and shards for a corpus; incremental and restartable.
@@ -196,6 +199,9 @@ def precompute_masks_command(
         "strict": True if strict else None,
         "gc": True if gc else None,
         "progress": False if no_progress else None,
+        "scan_region": False if no_scan_region else None,
+        "region_options": _parse_masker_options(region_option) if region_option else None,
+        "groups": str(groups) if groups is not None else None,
     }
     settings = load_config(PrecomputeConfig, config, overrides)
     extra = _parse_masker_options(masker_option)

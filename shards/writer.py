@@ -5,7 +5,7 @@ A shard is written under a hidden temporary name (``.<name>.tmp-<pid>-<random>``
 directory is fsynced. So a killed writer never leaves a ``.tar`` that is partial, and the
 index (written afterwards by :func:`shards.index.write_index`) can only name final shards.
 
-Tars are deterministic: fixed member order (png, masks.bin, pyramid.bin, json), mtime 0,
+Tars are deterministic: fixed member order (png, masks.bin, pyramid.bin, [region.png,] json), mtime 0,
 uid/gid 0, empty user/group names, mode 0644 - the same samples give the same sha256.
 """
 
@@ -27,6 +27,7 @@ from shards.sample import (
     DEFAULT_PNG_FILTER,
     DEFAULT_SCALES,
     FIELDS,
+    OPTIONAL_FIELDS,
     STORAGE_KEY,
     ShardSample,
     check_key,
@@ -284,7 +285,9 @@ class ShardFileWriter:
         if missing:
             raise ValueError(f"{key}: encoded sample lacks {missing}")
         start = self._tar.offset
-        for name in FIELDS:
+        # the record last: a reader that meets it has every other member of the sample
+        names = [name for name in FIELDS if name != "json"] + [name for name in OPTIONAL_FIELDS if name in encoded] + ["json"]
+        for name in names:
             data = encoded[name]
             self._tar.addfile(_tar_info(f"{key}.{name}", len(data)), io.BytesIO(data))
         entry = _entry_from_encoded(encoded, start, self._tar.offset - start)
