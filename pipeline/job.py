@@ -214,7 +214,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     # -- 2. run the stage chain where something is missing ----------------------------------
     known = len(tables)
     to_run = tables.count_to_run()
-    for stage in ("ingest", "mask", "pyramid"):
+    for stage in ("ingest", "region", "mask", "pyramid"):
         report.stages[stage].reused += known
 
     executor = None

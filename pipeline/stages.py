@@ -389,7 +389,7 @@ def _scan_region(task: SourceTask, meta: Mapping[str, Any], sections: Mapping[st
     if cache.has("region", region_fp):
         try:
             region = decode_region_entry(*cache.get("region", region_fp))
-            tally.reused += 1
+            tally.reused += len(meta["frames"])  # counted per sample, as ingest is
             return region
         except CacheEntryError:
             pass  # damaged entry: recompute
@@ -421,7 +421,7 @@ def _scan_region(task: SourceTask, meta: Mapping[str, Any], sections: Mapping[st
         return None
     entry_meta, entry_sections = encode_region_entry(found.mask, found.info)
     result.cache_bytes_written += cache.put("region", region_fp, entry_meta, entry_sections)
-    tally.computed += 1
+    tally.computed += count
     tally.seconds += time.perf_counter() - start
     return found.mask
 
