@@ -57,6 +57,8 @@ def make_phantoms_command(
     count: int = typer.Option(24, "--count", "-n", help="Number of phantoms (>= 1)."),
     size: int = typer.Option(256, "--size", "-s", help="Image side in pixels (32..4096)."),
     seed: int = typer.Option(0, "--seed", help="Corpus seed (>= 0); phantom i depends only on (seed, i, size)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Burn in text, a depth ruler, calipers, a colour bar and a logo (RGB images; true field of view and overlay masks in truth/)."),
+    geometry: Optional[str] = typer.Option(None, "--geometry", help="linear or sector for all phantoms (default: alternate)."),
 ) -> None:
     """Write a synthetic B-mode ultrasound corpus with labelled structures (linear and sector probes).
 
@@ -66,7 +68,7 @@ def make_phantoms_command(
     """
     from anaus_core.phantoms import make_phantom_corpus
 
-    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
+    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True, annotations=annotations, geometry=geometry)
     typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
 
 # ---------------------------------------------------------------------------------------------

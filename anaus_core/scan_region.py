@@ -66,6 +66,7 @@ class ScanRegionConfig:
     annotation_contrast: int = 70  # ... and this much brighter than their surroundings (top-hat)
     stroke_radius: int = 2  # top-hat disk radius in pixels: strokes up to ~2r+1 px wide
     min_annotation_px: int = 6  # smaller candidate components are speckle peaks
+    halo_radius: int = 3  # pixels around annotations that never join the region's foreground
     join_fraction: float = 0.025
     open_fraction: float = 0.012
     close_fraction: float = 0.03
@@ -131,9 +132,12 @@ def _region_of(reference: np.ndarray, annotations: np.ndarray, config: ScanRegio
     guard = ndimage.binary_dilation(annotations, structure=np.ones((3, 3), bool)) if annotations.any() else annotations
     # Speckle leaves many dark pixels inside tissue; a small closing joins them before the
     # opening cuts thin attachments (rulers, ticks) and removes isolated noise.
-    bright = (reference > config.black_level) & ~guard
+    # Resampling rings around glyphs and ruler lines (a few gray levels above black, up to
+    # ~3 px out at 2x upsampling): such halos must not bridge the field of view to them.
+    halo_guard = ndimage.binary_dilation(annotations, structure=_disk(config.halo_radius)) if annotations.any() else guard
+    bright = (reference > config.black_level) & ~halo_guard
     join_radius = max(1, int(round(config.join_fraction * short)))
-    foreground = _pad_apply(ndimage.binary_closing, bright, join_radius) & ~guard
+    foreground = _pad_apply(ndimage.binary_closing, bright, join_radius) & ~halo_guard
     open_radius = int(round(config.open_fraction * short))
     if open_radius >= 1:
         foreground = ndimage.binary_opening(foreground, structure=_disk(open_radius))

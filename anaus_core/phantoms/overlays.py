@@ -57,7 +57,7 @@ def add_annotations(image: np.ndarray, label: np.ndarray, fan: dict | None, rng:
     label = label.copy()
     if fan is None:
         # a linear probe's rectangle inside a black screen: margins left and top
-        left, top, right = int(round(0.12 * size)), int(round(0.08 * size)), size - int(round(0.05 * size))
+        left, top, right = int(round(0.12 * size)), int(round(0.1 * size)), size - int(round(0.06 * size))
         fov = np.zeros((size, size), bool)
         fov[top:, left:right] = True
     else:
@@ -77,7 +77,7 @@ def add_annotations(image: np.ndarray, label: np.ndarray, fan: dict | None, rng:
     # scan carries on the image): each line goes to the first free candidate position.
     from scipy import ndimage
 
-    forbidden = ndimage.binary_dilation(fov, iterations=max(2, size // 64))
+    forbidden = ndimage.binary_dilation(fov, iterations=max(4, size // 32))
     used = np.zeros((size, size), bool)
 
     def place(text: str, candidates: list[tuple[int, int]], fill) -> None:
@@ -108,7 +108,7 @@ def add_annotations(image: np.ndarray, label: np.ndarray, fan: dict | None, rng:
         items.append({"kind": "text", "text": "T", "at": [y, x]})
 
     # depth ruler: a vertical line just right of the field of view with ticks towards it
-    ruler_x = min(size - 2, right + 3 + size // 128)
+    ruler_x = min(size - 2, right + max(4, size // 32))
     draw.line([(ruler_x, top), (ruler_x, bottom)], fill=(RULER_GRAY,) * 3, width=1)
     for tick in np.linspace(top, bottom, 6):
         draw.line([(ruler_x - 2, int(tick)), (ruler_x, int(tick))], fill=(RULER_GRAY,) * 3, width=1)
