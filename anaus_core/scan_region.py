@@ -26,7 +26,8 @@ How it is found (:func:`detect_scan_region`, one region per image or per clip):
    closed with a disk of ``close_fraction`` x the short side (notches where dark tissue meets
    the fan edge), dents of its convex hull that are narrow and small filled (a black cyst or a
    shadow at the edge of the fan), then minus the annotation pixels that lie inside (calipers,
-   text written on the image), dilated by one pixel.
+   text written on the image), dilated by one pixel; solid marks (arrows) in a band along its
+   edge (a wider top-hat there) are removed too.
 
 Failures are properties of the input and raise :class:`ScanRegionError` with a one-line
 reason: an all-black image, no component of at least ``min_fraction`` of the image, or a clip
@@ -60,12 +61,13 @@ class ScanRegionConfig:
     """
 
     enabled: bool = True
-    black_level: int = 6  # median-filtered values at or below this are the black screen
+    black_level: int = 10  # 3 x 3 medians at or below this (and pixels below twice it) are the black screen
     min_fraction: float = 0.05  # smallest region, as a fraction of the image
     annotation_level: int = 190  # annotation strokes are at least this bright
     annotation_contrast: int = 70  # ... and this much brighter than their surroundings (top-hat)
     stroke_radius: int = 2  # top-hat disk radius in pixels: strokes up to ~2r+1 px wide
     min_annotation_px: int = 6  # smaller candidate components are speckle peaks
+    edge_band_fraction: float = 0.015  # solid marks within this band along the region edge are removed
     halo_radius: int = 3  # pixels around annotations that never join the region's foreground
     join_fraction: float = 0.025
     open_fraction: float = 0.012
@@ -98,10 +100,11 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def _pad_apply(function, mask: np.ndarray, radius: int) -> np.ndarray:
-    """A binary morphology op applied over an edge-replicating border, so that a region that
-    touches the image edge (a linear probe's rectangle) is not eroded there by a closing."""
-    pad = int(radius) + 1
-    padded = np.pad(mask, pad, mode="edge")
+    """A binary morphology op applied over a zero border wider than its radius: a closing then
+    neither erodes a region that touches the image edge (a linear probe's rectangle; scipy's
+    own border would) nor grows along the edge (as a replicated border would)."""
+    pad = 2 * int(radius) + 1
+    padded = np.pad(mask, pad, mode="constant")
     return function(padded, structure=_disk(radius))[pad:-pad, pad:-pad]
 
 
@@ -120,7 +123,12 @@ def _annotation_candidates(reference: np.ndarray, config: ScanRegionConfig, extr
     sizes = ndimage.sum_labels(candidates, labels, index=np.arange(1, count + 1))
     keep = np.zeros(count + 1, bool)
     keep[1:] = sizes >= config.min_annotation_px
-    return candidates & keep[labels]
+    core = candidates & keep[labels]
+    if not core.any():
+        return core
+    # the anti-aliased / blurred rim of a mark: bright pixels within two pixels of its core
+    rim = ndimage.binary_dilation(core, structure=_disk(2)) & (reference >= int(0.6 * config.annotation_level))
+    return core | rim
 
 
 def _region_of(reference: np.ndarray, annotations: np.ndarray, config: ScanRegionConfig) -> np.ndarray | None:
@@ -135,7 +143,11 @@ def _region_of(reference: np.ndarray, annotations: np.ndarray, config: ScanRegio
     # Resampling rings around glyphs and ruler lines (a few gray levels above black, up to
     # ~3 px out at 2x upsampling): such halos must not bridge the field of view to them.
     halo_guard = ndimage.binary_dilation(annotations, structure=_disk(config.halo_radius)) if annotations.any() else guard
-    bright = (reference > config.black_level) & ~halo_guard
+    # Black screens carry noise a few gray levels up (JPEG, analogue capture): a pixel is bright
+    # when its 3 x 3 median is above the black level, or it alone is well above it (sparse
+    # speckle in dark tissue, which the closing below joins).
+    smooth = ndimage.median_filter(reference, size=3, mode="nearest")
+    bright = ((smooth > config.black_level) | (reference > 2 * config.black_level)) & ~halo_guard
     join_radius = max(1, int(round(config.join_fraction * short)))
     foreground = _pad_apply(ndimage.binary_closing, bright, join_radius) & ~halo_guard
     open_radius = int(round(config.open_fraction * short))
@@ -179,6 +191,29 @@ def _fill_bites(region: np.ndarray, config: ScanRegionConfig) -> np.ndarray:
         if chord >= min_chord and size < config.bite_fraction * area and size >= 0.2 * chord * chord:
             filled[box] |= piece
     return filled
+
+
+def _edge_marks(reference: np.ndarray, region: np.ndarray, annotations: np.ndarray, config: ScanRegionConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Scanners put solid marks (focus arrows, depth markers) on the edge of the field of
+    view, wider than a stroke: a wider top-hat, looked at only in a band along the region's
+    edge (inside tissue it would take bright speckle), removes them from the region."""
+    from scipy import ndimage
+    from skimage.morphology import white_tophat
+
+    band_width = max(2, int(round(config.edge_band_fraction * min(reference.shape))))
+    band = region & ~ndimage.binary_erosion(region, structure=_disk(band_width), border_value=0)
+    tophat = white_tophat(reference, footprint=_disk(band_width))
+    marks = band & (reference >= config.annotation_level) & (tophat >= config.annotation_contrast)
+    if not marks.any():
+        return region, annotations
+    labels, count = ndimage.label(marks, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.zeros(count + 1, bool)
+    keep[1:] = sizes >= config.min_annotation_px
+    marks = keep[labels]
+    marks |= ndimage.binary_dilation(marks, structure=_disk(2)) & (reference >= int(0.6 * config.annotation_level))
+    guard = ndimage.binary_dilation(marks, structure=np.ones((3, 3), bool))
+    return region & ~guard, annotations | marks
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -235,6 +270,7 @@ def detect_scan_region(
     region = _region_of(reference, annotations, config)
     if region is None:
         raise ScanRegionError(f"no scan region detected (no bright area of at least {config.min_fraction:.0%} of the image)")
+    region, annotations = _edge_marks(reference, region, annotations, config)
     if len(sampled) > 1:
         _check_geometry(sampled, chosen, region, annotations, config)
     return ScanRegion(region, annotations, _info(region, live=live, frames=len(stack)))
