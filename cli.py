@@ -275,6 +275,7 @@ def lpsam_adapt_command(
     lr: Optional[float] = typer.Option(None, "--lr"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompts from the ground truth: box, point or box+point."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (200 epochs, batch 16, Adam 5e-4); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with AdaptConfig fields (options override it)."),
@@ -283,6 +284,7 @@ def lpsam_adapt_command(
 ) -> None:
     """Stage 1: train bottleneck adapters in SAM's image encoder on image-mask pairs (SAM frozen)."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import AdaptConfig, run_adapt
 
     overrides = _lpsam_overrides(
@@ -296,6 +298,7 @@ def lpsam_adapt_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "adapt"), **overrides}
     result = run_adapt(load_config(AdaptConfig, config, overrides))
     typer.echo(f"stage 1 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -309,6 +312,7 @@ def lpsam_train_prompter_command(
     adapter_checkpoint: Optional[Path] = typer.Option(None, "--adapter-checkpoint", help="Stage-1 checkpoint (best.pt of `anaus lpsam adapt`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
     train_decoder: Optional[bool] = typer.Option(None, "--train-decoder/--no-train-decoder", help="Also train SAM's mask decoder (the official code did; the paper freezes it). Off by default."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (100 epochs); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -321,6 +325,7 @@ def lpsam_train_prompter_command(
 ) -> None:
     """Stage 2: train the latent prompt engine (one token group per class); SAM and adapters frozen."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import PrompterConfig, run_train_prompter
 
     overrides = _lpsam_overrides(
@@ -332,6 +337,7 @@ def lpsam_train_prompter_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "train-prompter"), **overrides}
     result = run_train_prompter(load_config(PrompterConfig, config, overrides))
     typer.echo(f"stage 2 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
