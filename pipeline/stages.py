@@ -601,7 +601,7 @@ def write_shard_task(task: ShardTask) -> ShardResult:
 def shard_info_to_dict(info) -> dict[str, Any]:
     return {
         "name": info.name, "sha256": info.sha256, "size": info.size,
-        "samples": [[e.key, e.offset, e.size, e.mask_count, list(e.mask_areas), e.source_hash] for e in info.samples],
+        "samples": [[e.key, e.offset, e.size, e.mask_count, list(e.mask_areas), e.source_hash, e.group] for e in info.samples],
     }
 
 

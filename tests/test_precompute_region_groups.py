@@ -150,3 +150,22 @@ def test_multi_frame_file_whose_frames_change_size_is_refused(tmp_path):
     with pytest.raises(IngestError, match="geometry changes mid-clip") as error:
         decode_source(tmp_path / "stack.tif")
     assert error.value.path.endswith("stack.tif")
+
+
+def test_groups_are_in_the_index(tmp_path):
+    from shards.index import read_index
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(3):
+        Image.fromarray(fan_image(seed=index)).save(corpus / f"good_{index}.png")
+    (corpus / "groups.csv").write_text("path,group\ngood_0.png,P1\ngood_1.png,P1\ngood_2.png,P2\n")
+    out = tmp_path / "out"
+    run_precompute(config(corpus, out), show_report=False)
+    index = read_index(out)
+    assert dict(zip(index.keys, index.group)) == {"good_0_png": "P1", "good_1_png": "P1", "good_2_png": "P2"}
+    # an edited groups.csv rewrites the shards (the records hold the groups), nothing else runs
+    (corpus / "groups.csv").write_text("path,group\ngood_0.png,P1\ngood_1.png,P3\ngood_2.png,P2\n")
+    changed = run_precompute(config(corpus, out), show_report=False)
+    assert {s: changed.stages[s].computed for s in changed.stages} == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
+    assert changed.shards_written >= 1 and read_index(out).group[1] == "P3"
