@@ -72,7 +72,7 @@ class ScanRegionConfig:
     join_fraction: float = 0.025
     open_fraction: float = 0.012
     close_fraction: float = 0.03
-    bite_fraction: float = 0.1  # dents of the convex hull up to this fraction of the region are filled
+    bite_fraction: float = 0.2  # dents of the convex hull up to this fraction of the region are filled
     min_motion: float = 2.0  # median temporal std (gray levels) above which a clip counts as live
     static_std: float = 0.75  # in a live clip, pixels whose std is below this are static
     max_frames: int = 48  # frames of a clip used (evenly spaced)
