@@ -273,6 +273,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     stat_cache.save(keep=tables.source_paths())
     if config.gc:
         referenced = {stage: tables.referenced(stage) for stage in ("ingest", "mask", "pyramid")}
+        # one region per source, named by its ingest fingerprint and this run's settings
+        referenced["region"] = {settings.region_fp(fp) for fp in tables.source_ingest_fps()}
         if shard_fps is not None:
             referenced["pack"] = shard_fps
         removed, _freed = cache.garbage_collect(referenced)

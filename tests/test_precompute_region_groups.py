@@ -169,3 +169,15 @@ def test_groups_are_in_the_index(tmp_path):
     changed = run_precompute(config(corpus, out), show_report=False)
     assert {s: changed.stages[s].computed for s in changed.stages} == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
     assert changed.shards_written >= 1 and read_index(out).group[1] == "P3"
+
+
+def test_gc_drops_regions_of_old_settings(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    Image.fromarray(fan_image(seed=0)).save(corpus / "good_0.png")
+    out = tmp_path / "out"
+    run_precompute(config(corpus, out), show_report=False)
+    run_precompute(config(corpus, out, region_options={"close_fraction": 0.05}), show_report=False)
+    assert len(list((out / "cache" / "region").rglob("*.bin"))) == 2
+    run_precompute(config(corpus, out, region_options={"close_fraction": 0.05}, gc=True), show_report=False)
+    assert len(list((out / "cache" / "region").rglob("*.bin"))) == 1
