@@ -509,7 +509,8 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200) -> dict:
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
+             annotations: bool = False) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -533,7 +534,7 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
 
     console.rule("1. phantom corpus")
     corpus = out / "corpus"
-    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress)
+    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress, annotations=annotations)
     result["corpus"] = corpus
 
     console.rule(f"2. precompute-masks (--masker {masker})")
@@ -621,11 +622,12 @@ def demo_command(
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
-    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps)
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps, annotations=annotations)
 
 
 
