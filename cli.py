@@ -113,7 +113,7 @@ def inspect_shard_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_masker_options(values: Optional[list[str]]) -> dict:
+def _parse_masker_options(values: Optional[list[str]], option: str = "--masker-option") -> dict:
     """``key=value`` strings -> dict; values are parsed as YAML scalars (``300`` -> int)."""
     import yaml
 
@@ -121,7 +121,7 @@ def _parse_masker_options(values: Optional[list[str]]) -> dict:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserInputError(f"--masker-option {item!r}: expected key=value")
+            raise UserInputError(f"{option} {item!r}: expected key=value")
         try:
             options[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -204,7 +204,7 @@ def precompute_masks_command(
         "gc": True if gc else None,
         "progress": False if no_progress else None,
         "scan_region": False if no_scan_region else None,
-        "region_options": _parse_masker_options(region_option) if region_option else None,
+        "region_options": _parse_masker_options(region_option, "--region-option") if region_option else None,
         "groups": str(groups) if groups is not None else None,
     }
     settings = load_config(PrecomputeConfig, config, overrides)
