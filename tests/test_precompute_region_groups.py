@@ -181,3 +181,32 @@ def test_gc_drops_regions_of_old_settings(tmp_path):
     assert len(list((out / "cache" / "region").rglob("*.bin"))) == 2
     run_precompute(config(corpus, out, region_options={"close_fraction": 0.05}, gc=True), show_report=False)
     assert len(list((out / "cache" / "region").rglob("*.bin"))) == 1
+
+
+def test_region_member_round_trip_crc_and_contact_sheet(tmp_path):
+    import pytest
+
+    from anaus_core.maskset import MaskSet
+    from shards.inspect import write_contact_sheet
+    from shards.sample import REGION_FIELD, SampleFormatError, ShardSample, decode_sample, encode_sample
+    from shards.writer import ShardWriter
+
+    image = fan_image(64, 0)
+    region = image > 0
+    masks = np.stack([region & (np.arange(64)[None, :] < 32), region & (np.arange(64)[None, :] >= 32)])
+    sample = ShardSample.build(key="a", image=image, mask_set=MaskSet(masks=masks, ids=[1, 2], sources=["x", "x"], scores=[1, 1]),
+                               record={"source_path": "a.png"}, scan_region=region)
+    encoded = encode_sample(sample)
+    assert REGION_FIELD in encoded and list(encoded)[-1] == "json"
+    decoded = decode_sample(encoded)
+    assert decoded == sample and np.array_equal(decoded.scan_region, region)
+    with pytest.raises(SampleFormatError, match="crc32"):
+        decode_sample({**encoded, REGION_FIELD: encode_sample(ShardSample.build(key="a", image=image, mask_set=sample.mask_set,
+                                                                               scan_region=~region))[REGION_FIELD]})
+    with pytest.raises(SampleFormatError, match="missing member"):
+        decode_sample({k: v for k, v in encoded.items() if k != REGION_FIELD})
+    with ShardWriter(tmp_path / "store", samples_per_shard=4) as writer:
+        writer.write(sample)
+    stored = ShardReader(tmp_path / "store")["a"]
+    assert np.array_equal(stored.scan_region, region)
+    assert write_contact_sheet([stored], tmp_path / "sheet.png").stat().st_size > 0
