@@ -57,6 +57,8 @@ def make_phantoms_command(
     count: int = typer.Option(24, "--count", "-n", help="Number of phantoms (>= 1)."),
     size: int = typer.Option(256, "--size", "-s", help="Image side in pixels (32..4096)."),
     seed: int = typer.Option(0, "--seed", help="Corpus seed (>= 0); phantom i depends only on (seed, i, size)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Burn in text, a depth ruler, calipers, a colour bar and a logo (RGB images; true field of view and overlay masks in truth/)."),
+    geometry: Optional[str] = typer.Option(None, "--geometry", help="linear or sector for all phantoms (default: alternate)."),
 ) -> None:
     """Write a synthetic B-mode ultrasound corpus with labelled structures (linear and sector probes).
 
@@ -66,7 +68,7 @@ def make_phantoms_command(
     """
     from anaus_core.phantoms import make_phantom_corpus
 
-    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
+    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True, annotations=annotations, geometry=geometry)
     typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def inspect_shard_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_masker_options(values: Optional[list[str]]) -> dict:
+def _parse_masker_options(values: Optional[list[str]], option: str = "--masker-option") -> dict:
     """``key=value`` strings -> dict; values are parsed as YAML scalars (``300`` -> int)."""
     import yaml
 
@@ -119,7 +121,7 @@ def _parse_masker_options(values: Optional[list[str]]) -> dict:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserInputError(f"--masker-option {item!r}: expected key=value")
+            raise UserInputError(f"{option} {item!r}: expected key=value")
         try:
             options[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -164,6 +166,9 @@ def precompute_masks_command(
     strict: bool = typer.Option(False, "--strict", help="Any skipped input fails the run (index left unchanged, exit 3)."),
     gc: bool = typer.Option(False, "--gc", help="Delete cache entries the current corpus no longer uses."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    no_scan_region: bool = typer.Option(False, "--no-scan-region", help="Use the whole image instead of the detected scan region (fan/rectangle of echo data)."),
+    region_option: Optional[list[str]] = typer.Option(None, "--region-option", help="Scan-region setting key=value (repeatable; see docs/precompute.md)."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv (columns path,group) naming each source's group (default: CORPUS/groups.csv if present)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PrecomputeConfig fields; options override it."),
 ) -> None:
     """Compute mask sets, pyramids and shards for a corpus; incremental and restartable.
@@ -198,6 +203,9 @@ def precompute_masks_command(
         "strict": True if strict else None,
         "gc": True if gc else None,
         "progress": False if no_progress else None,
+        "scan_region": False if no_scan_region else None,
+        "region_options": _parse_masker_options(region_option, "--region-option") if region_option else None,
+        "groups": str(groups) if groups is not None else None,
     }
     settings = load_config(PrecomputeConfig, config, overrides)
     extra = _parse_masker_options(masker_option)
@@ -269,6 +277,7 @@ def lpsam_adapt_command(
     lr: Optional[float] = typer.Option(None, "--lr"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompts from the ground truth: box, point or box+point."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (200 epochs, batch 16, Adam 5e-4); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with AdaptConfig fields (options override it)."),
@@ -277,6 +286,7 @@ def lpsam_adapt_command(
 ) -> None:
     """Stage 1: train bottleneck adapters in SAM's image encoder on image-mask pairs (SAM frozen)."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import AdaptConfig, run_adapt
 
     overrides = _lpsam_overrides(
@@ -290,6 +300,7 @@ def lpsam_adapt_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "adapt"), **overrides}
     result = run_adapt(load_config(AdaptConfig, config, overrides))
     typer.echo(f"stage 1 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -303,6 +314,7 @@ def lpsam_train_prompter_command(
     adapter_checkpoint: Optional[Path] = typer.Option(None, "--adapter-checkpoint", help="Stage-1 checkpoint (best.pt of `anaus lpsam adapt`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
     train_decoder: Optional[bool] = typer.Option(None, "--train-decoder/--no-train-decoder", help="Also train SAM's mask decoder (the official code did; the paper freezes it). Off by default."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (100 epochs); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -315,6 +327,7 @@ def lpsam_train_prompter_command(
 ) -> None:
     """Stage 2: train the latent prompt engine (one token group per class); SAM and adapters frozen."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import PrompterConfig, run_train_prompter
 
     overrides = _lpsam_overrides(
@@ -326,6 +339,7 @@ def lpsam_train_prompter_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "train-prompter"), **overrides}
     result = run_train_prompter(load_config(PrompterConfig, config, overrides))
     typer.echo(f"stage 2 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -504,7 +518,8 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200) -> dict:
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
+             annotations: bool = False) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -528,7 +543,7 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
 
     console.rule("1. phantom corpus")
     corpus = out / "corpus"
-    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress)
+    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress, annotations=annotations)
     result["corpus"] = corpus
 
     console.rule(f"2. precompute-masks (--masker {masker})")
@@ -616,11 +631,12 @@ def demo_command(
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
-    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps)
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps, annotations=annotations)
 
 
 
