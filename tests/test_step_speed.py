@@ -139,3 +139,31 @@ def test_compiled_graphs_capture_the_step_without_recompiling(tiny_shards):
         torch.testing.assert_close(dict(compiled.online_encoder.named_buffers())[name], buffer, msg=name)
     # online: views (2B) and damaged core (B); target: views and core -> 4 graphs, no recompiles
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+
+
+@pytest.mark.gpu
+def test_cuda_step_never_synchronises_with_the_host(tiny_shards):
+    # torch's sync debug mode raises on any host-device synchronisation (.item(), nonzero,
+    # boolean tests of device tensors, blocking device-to-host copies) inside the block
+    from anaus_core.train.trainer import _autocast, build_model, build_optimizer, make_generator
+
+    config = tiny_config(tiny_shards, **{"run.device": "cuda"})
+    device = torch.device("cuda")
+    method = build_model(config).to(device)
+    optimizer = build_optimizer(method, config, 0.01)
+    batch = next(iter(data_source(config).loader(epoch=0, skip_batches=0, batch_size=4, rank=0, world_size=1)))
+    for step in range(2):   # the first step allocates the LARS state
+        generator = make_generator(device, step)
+        prepared = method.prepare_batch(batch, device=device, generator=generator)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with _autocast(device, True):
+                method.begin_step([prepared], generators=[generator], step=step)
+                loss = method(prepared, generator=generator, step=step)["loss"]
+            loss.backward()
+            optimizer.step()
+            method.after_optimizer_step(step=step, total_steps=10)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        optimizer.zero_grad(set_to_none=True)
