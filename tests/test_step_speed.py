@@ -152,12 +152,13 @@ def test_cuda_step_never_synchronises_with_the_host(tiny_shards):
     method = build_model(config).to(device)
     optimizer = build_optimizer(method, config, 0.01)
     batch = next(iter(data_source(config).loader(epoch=0, skip_batches=0, batch_size=4, rank=0, world_size=1)))
+    batch = {key: value.pin_memory() for key, value in batch.items()}   # as the loader delivers it on CUDA
     for step in range(2):   # the first step allocates the LARS state
         generator = make_generator(device, step)
-        prepared = method.prepare_batch(batch, device=device, generator=generator)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
+            prepared = method.prepare_batch(batch, device=device, generator=generator)
             with _autocast(device, True):
                 method.begin_step([prepared], generators=[generator], step=step)
                 loss = method(prepared, generator=generator, step=step)["loss"]
