@@ -301,3 +301,26 @@ def test_cli_segmentation_report(seg_data, tmp_path):
     assert len(run["per_image"]["dice"]) == 8 and all(v is not None for v in run["per_image"]["hd95"])
     assert set(run["summary"]) >= {"dice", "ppv", "sensitivity", "hd95", "hd"}
     assert (out / "predictions.png").is_file()
+
+
+@pytest.mark.slow
+def test_maskrcnn_head_runs_and_loads_fpn(seg_data, tmp_path):
+    from anaus_core.evaluate.maskrcnn import build_maskrcnn, instance_targets
+    from anaus_core.models.export import build_export_encoder, export_encoder_state_dict, export_fpn_state_dict
+
+    torch.manual_seed(0)
+    model = build_export_encoder("resnet18", fpn_channels=32)
+    torch.save(export_encoder_state_dict(model), tmp_path / "encoder.pt")
+    torch.save(export_fpn_state_dict(model), tmp_path / "fpn.pt")
+    weights = load_encoder(EncoderSpec("ours", tmp_path / "encoder.pt"))
+    rcnn = build_maskrcnn(weights, build_backbone(weights), num_classes=2, image_size=64, trainable_stages=3)
+    assert torch.equal(rcnn.backbone.fpn.inner_blocks[0][0].weight, model.fpn.inner_blocks[0][0].weight)
+    label = np.zeros((64, 64), np.int64)
+    label[5:10, 5:12], label[40:50, 30:33] = 1, 1
+    target = instance_targets(label, 2)
+    assert target["boxes"].tolist() == [[5, 5, 12, 10], [30, 40, 33, 50]] and target["masks"].shape == (2, 64, 64)
+    out = tmp_path / "rcnn"
+    config = _config(seg_data, out, task="segmentation", head="maskrcnn", folds=2, image_size=64, protocols=["finetune"],
+                     **{"finetune.epochs": 1})
+    results = run_evaluation(config, [EncoderSpec("ours", tmp_path / "encoder.pt")], reader=READER)
+    assert len(results["runs"][0]["per_image"]["dice"]) == 8 and (out / "predictions.png").is_file()

@@ -29,6 +29,8 @@ class FinetuneConfig:
     trainable_stages: int = 3
     #: segmentation learning rate (the decoder is new; the backbone is fine-tuned fully)
     segmentation_lr: float = 1e-3
+    #: ``--head maskrcnn`` (SGD, momentum 0.9, the paper's segmentation optimiser)
+    maskrcnn_lr: float = 0.01
 
 
 @dataclass

@@ -171,7 +171,8 @@ def _segmentation_run(config, dataset, folds, weights, protocol, fraction_index,
 
             model = build_maskrcnn(weights, backbone, num_classes=num_classes, image_size=config.image_size,
                                    trainable_stages={"linear": 0, "finetune": config.finetune.trainable_stages,
-                                                     "finetune-full": 4}[protocol])
+                                                     "finetune-full": None}[protocol],
+                                   default_fpn_channels=default_fpn_channels)
             training = train_maskrcnn(model, images=images, targets=targets, train=train, select=select,
                                       num_classes=num_classes, config=config.finetune, seed=seed, device=device,
                                       progress=bars.bind(f"fold {fold.index}: epochs"))
