@@ -495,7 +495,7 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200) -> dict:
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200, eval_count: int = 0) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -503,7 +503,9 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
        masker (``labels`` reads ``OUT/corpus/label``);
     3. inspect: validate the shard directory, print its summary, write ``OUT/contact_sheet.png``.
 
-    Later steps (pre-training on ``OUT/shards``) append to the returned dict. Running the demo
+    Later steps (pre-training on ``OUT/shards``; with ``eval_count``, evaluating its encoder
+    against ``random`` on that many held-apart phantoms under ``OUT/evaluate``) append to the
+    returned dict. Running the demo
     again re-uses everything already computed (step 2 reports "nothing to do").
     """
     from rich.console import Console
@@ -553,6 +555,13 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
         console.rule(f"4. pretrain ({pretrain_steps} steps on the CPU)")
         result.update(_demo_pretrain(shards_dir, out / "pretrain", steps=pretrain_steps, seed=seed,
                                      progress=progress, console=console))
+        if eval_count > 0:
+            from anaus_core.evaluate.demo import evaluate_demo_encoder
+            from pipeline.frame_reader import IngestFrameReader
+
+            console.rule(f"5. evaluate the demo encoder vs random ({eval_count} held-apart phantoms)")
+            result["evaluation"] = evaluate_demo_encoder(result["encoder"], out / "evaluate", reader=IngestFrameReader(),
+                                                         count=eval_count, seed=seed, progress=progress, console=console)
     return result
 
 
@@ -607,11 +616,13 @@ def demo_command(
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
+    eval_count: int = typer.Option(60, "--eval-count", help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
-    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps)
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps,
+             eval_count=eval_count)
 
 
 
