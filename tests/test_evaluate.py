@@ -204,6 +204,17 @@ def test_timm_vit_state_dict_is_detected_and_runs(tmp_path):
     assert segmenter(images).shape == (2, 3, 32, 32)
 
 
+def test_vit_encoder_linear_and_finetune_runs(cls_data, tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.save(VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=1, num_classes=0).state_dict(),
+               tmp_path / "vit.pt")
+    config = _config(cls_data, tmp_path / "r", protocols=["linear", "finetune"], **{"finetune.epochs": 1})
+    results = run_evaluation(config, [EncoderSpec("vit", tmp_path / "vit.pt")], reader=READER, write_report=False)
+    assert [r["protocol"] for r in results["runs"]] == ["linear", "finetune"]
+    assert results["encoders"][0]["kind"] == "vit"
+
+
 # -- protocols -----------------------------------------------------------------------------------
 def _loaded(cls_data, config):
     dataset = load_classification(cls_data, reader=READER, image_size=SIZE, folds=config.folds)
@@ -324,3 +335,16 @@ def test_maskrcnn_head_runs_and_loads_fpn(seg_data, tmp_path):
                      **{"finetune.epochs": 1})
     results = run_evaluation(config, [EncoderSpec("ours", tmp_path / "encoder.pt")], reader=READER)
     assert len(results["runs"][0]["per_image"]["dice"]) == 8 and (out / "predictions.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_evaluation_step_on_held_apart_phantoms(tmp_path):
+    from anaus_core.evaluate.demo import evaluate_demo_encoder
+    from anaus_core.models.export import build_export_encoder, export_encoder_state_dict
+
+    torch.save(export_encoder_state_dict(build_export_encoder("resnet18")), tmp_path / "encoder.pt")
+    results = evaluate_demo_encoder(tmp_path / "encoder.pt", tmp_path / "eval", reader=READER, count=24, folds=2,
+                                    segmentation_epochs=1, progress=False)
+    for task in ("classification", "segmentation"):
+        assert {r["encoder"] for r in results[task]["runs"]} == {"demo", "random"}
+        assert (tmp_path / "eval" / task / "results.md").is_file()
