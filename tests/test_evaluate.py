@@ -348,3 +348,47 @@ def test_demo_evaluation_step_on_held_apart_phantoms(tmp_path):
     for task in ("classification", "segmentation"):
         assert {r["encoder"] for r in results[task]["runs"]} == {"demo", "random"}
         assert (tmp_path / "eval" / task / "results.md").is_file()
+
+
+def _write_dicom(path, pixels, **elements):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = UltrasoundImageStorage
+    ds.Modality = "US"
+    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_patient_groups_and_spacing(tmp_path):
+    from anaus_core.evaluate.segment import score_segmentation
+
+    root = tmp_path / "dcmseg"
+    (root / "img").mkdir(parents=True)
+    (root / "label").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        image = rng.integers(0, 255, (SIZE, SIZE + 4), dtype=np.uint8)
+        _write_dicom(root / "img" / f"scan{i}.dcm", image, PatientID=f"P{i // 2}", PixelSpacing=[0.5, 0.25])
+        label = np.zeros(image.shape, np.uint8)
+        label[4:10, 4 + i: 12 + i] = 1
+        Image.fromarray(label).save(root / "label" / f"scan{i}.png")
+    (root / "dataset.yaml").write_text("classes: {lesion: 1}\n")
+    dataset = load_segmentation(root, reader=READER, image_size=SIZE)
+    assert all(item.spacing == (0.5, 0.25) for item in dataset.items)
+    assign_groups(dataset, rule="patient")
+    assert len({item.group for item in dataset.items}) == 4
+    folds = make_folds(dataset.strata, [i.group for i in dataset.items], k=2, seed=0, val_fraction=0.3)
+    for fold in folds:
+        assert not {dataset.items[p].group for p in fold.test} & {dataset.items[p].group for p in fold.train + fold.val}
+    shifted = np.roll(dataset.items[0].target, 4, axis=1)  # 4 columns = 1 mm at 0.25 mm per column
+    scores = score_segmentation(shifted, dataset.items[0].target, class_names=["lesion"], spacing=(0.5, 0.25))
+    assert scores["mean"]["hd"] == pytest.approx(4.0) and scores["mean"]["hd_mm"] == pytest.approx(1.0)

@@ -151,6 +151,8 @@ def _segmentation_run(config, dataset, folds, weights, protocol, fraction_index,
     num_classes = len(dataset.class_names) + 1
     strata = dataset.strata
     per_image: list[dict | None] = [None] * len(images)
+    # millimetre distances only when every image states its pixel spacing (a mean over a mix would mislead)
+    metric_names = list(SEGMENTATION_METRICS) + (["hd95_mm", "hd_mm"] if all(i.spacing for i in dataset.items) else [])
     sheet: dict[int, list] = {}
     fold_results = []
     for fold in bars.wrap(folds, f"{weights.name} {protocol} @{fraction:g}: folds"):
@@ -198,10 +200,9 @@ def _segmentation_run(config, dataset, folds, weights, protocol, fraction_index,
                 sheet[int(position)] = prediction.tolist()
         fold_results.append({
             "fold": fold.index, "train_images": int(len(train)),
-            "metrics": {m: _summary([s[m] for s in fold_scores])["mean"] for m in fold_scores[0]},
+            "metrics": {m: _summary([s[m] for s in fold_scores])["mean"] for m in metric_names},
             "selected": {"epoch": training.selected_epoch, "selection_curve": training.selection_curve},
         })
-    metric_names = list(fold_results[0]["metrics"])
     pooled = {m: _summary([p["mean"][m] for p in per_image]) for m in metric_names}
     pooled_per_class = {name: {m: _summary([p["per_class"][name][m] for p in per_image])["mean"] for m in metric_names}
                         for name in dataset.class_names}
@@ -209,7 +210,7 @@ def _segmentation_run(config, dataset, folds, weights, protocol, fraction_index,
         "folds": fold_results,
         "summary": {m: _summary([f["metrics"][m] for f in fold_results]) for m in metric_names},
         "pooled": {"mean_over_images": pooled, "per_class": pooled_per_class},
-        "per_image": {m: [p["mean"][m] for p in per_image] for m in SEGMENTATION_METRICS},
+        "per_image": {m: [p["mean"][m] for p in per_image] for m in metric_names},
         "sheet_predictions": sheet,
     }
 
