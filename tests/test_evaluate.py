@@ -268,7 +268,7 @@ def test_evaluation_is_deterministic_per_seed(cls_data, tmp_path):
     assert first["folds"] == second["folds"]
     other = run_evaluation(dataclasses.replace(config, seed=5, protocols=("linear",)), [EncoderSpec("random", None)],
                            reader=READER, write_report=False)
-    assert other["folds"] != first["folds"] or json.dumps(other["runs"]) != json.dumps(first["runs"])
+    assert other["folds"] != first["folds"]  # the seed reaches the folds
 
 
 def test_cli_classification_report_and_fixed_splits(cls_data, tmp_path):
