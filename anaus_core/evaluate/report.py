@@ -39,6 +39,11 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _p(value) -> str:
+    """p-values with significant digits (a tiny p must not print as 0.0000)."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
 def render_markdown(results: dict) -> str:
     task = results["task"]
     lines = [f"# Evaluation: {task} on {results['dataset']['root']}", ""]
@@ -85,7 +90,7 @@ def render_markdown(results: dict) -> str:
                   "| protocol | labels | a | b | over | metric | n | median difference | p |", "|---|---|---|---|---|---|---|---|---|"]
         for t in results["paired_tests"]:
             lines.append(f"| {t['protocol']} | {t['label_fraction']:g} | {t['a']} | {t['b']} | {t['over']} | {t['metric']} | "
-                         f"{t['n']} | {_num(t['median_difference'], 4)} | {_num(t['p_value'], 4)} |")
+                         f"{t['n']} | {_num(t['median_difference'], 4)} | {_p(t['p_value'])} |")
     lines += ["", "## Selection per fold", ""]
     for run in results["runs"]:
         chosen = []
