@@ -57,6 +57,8 @@ def make_phantoms_command(
     count: int = typer.Option(24, "--count", "-n", help="Number of phantoms (>= 1)."),
     size: int = typer.Option(256, "--size", "-s", help="Image side in pixels (32..4096)."),
     seed: int = typer.Option(0, "--seed", help="Corpus seed (>= 0); phantom i depends only on (seed, i, size)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Burn in text, a depth ruler, calipers, a colour bar and a logo (RGB images; true field of view and overlay masks in truth/)."),
+    geometry: Optional[str] = typer.Option(None, "--geometry", help="linear or sector for all phantoms (default: alternate)."),
 ) -> None:
     """Write a synthetic B-mode ultrasound corpus with labelled structures (linear and sector probes).
 
@@ -66,7 +68,7 @@ def make_phantoms_command(
     """
     from anaus_core.phantoms import make_phantom_corpus
 
-    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
+    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True, annotations=annotations, geometry=geometry)
     typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def inspect_shard_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_masker_options(values: Optional[list[str]]) -> dict:
+def _parse_masker_options(values: Optional[list[str]], option: str = "--masker-option") -> dict:
     """``key=value`` strings -> dict; values are parsed as YAML scalars (``300`` -> int)."""
     import yaml
 
@@ -119,7 +121,7 @@ def _parse_masker_options(values: Optional[list[str]]) -> dict:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserInputError(f"--masker-option {item!r}: expected key=value")
+            raise UserInputError(f"{option} {item!r}: expected key=value")
         try:
             options[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -159,10 +161,14 @@ def precompute_masks_command(
     scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (tcp://host:8786)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per task and per masker call (default 8)."),
     device: Optional[str] = typer.Option(None, help="Device for model maskers (cpu, cuda, cuda:1)."),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", min=0, help="In-process runs: source batches ingested ahead in threads while the masker runs (default: 2 for sam/lpsam, else 0)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be recomputed per stage, write nothing."),
     strict: bool = typer.Option(False, "--strict", help="Any skipped input fails the run (index left unchanged, exit 3)."),
     gc: bool = typer.Option(False, "--gc", help="Delete cache entries the current corpus no longer uses."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    no_scan_region: bool = typer.Option(False, "--no-scan-region", help="Use the whole image instead of the detected scan region (fan/rectangle of echo data)."),
+    region_option: Optional[list[str]] = typer.Option(None, "--region-option", help="Scan-region setting key=value (repeatable; see docs/precompute.md)."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv (columns path,group) naming each source's group (default: CORPUS/groups.csv if present)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PrecomputeConfig fields; options override it."),
 ) -> None:
     """Compute mask sets, pyramids and shards for a corpus; incremental and restartable.
@@ -192,10 +198,14 @@ def precompute_masks_command(
         "scheduler": scheduler,
         "batch_size": batch_size,
         "device": device,
+        "prefetch": prefetch,
         "dry_run": True if dry_run else None,
         "strict": True if strict else None,
         "gc": True if gc else None,
         "progress": False if no_progress else None,
+        "scan_region": False if no_scan_region else None,
+        "region_options": _parse_masker_options(region_option, "--region-option") if region_option else None,
+        "groups": str(groups) if groups is not None else None,
     }
     settings = load_config(PrecomputeConfig, config, overrides)
     extra = _parse_masker_options(masker_option)
@@ -267,6 +277,7 @@ def lpsam_adapt_command(
     lr: Optional[float] = typer.Option(None, "--lr"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompts from the ground truth: box, point or box+point."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (200 epochs, batch 16, Adam 5e-4); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with AdaptConfig fields (options override it)."),
@@ -275,6 +286,7 @@ def lpsam_adapt_command(
 ) -> None:
     """Stage 1: train bottleneck adapters in SAM's image encoder on image-mask pairs (SAM frozen)."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import AdaptConfig, run_adapt
 
     overrides = _lpsam_overrides(
@@ -288,6 +300,7 @@ def lpsam_adapt_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "adapt"), **overrides}
     result = run_adapt(load_config(AdaptConfig, config, overrides))
     typer.echo(f"stage 1 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -301,6 +314,7 @@ def lpsam_train_prompter_command(
     adapter_checkpoint: Optional[Path] = typer.Option(None, "--adapter-checkpoint", help="Stage-1 checkpoint (best.pt of `anaus lpsam adapt`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
     train_decoder: Optional[bool] = typer.Option(None, "--train-decoder/--no-train-decoder", help="Also train SAM's mask decoder (the official code did; the paper freezes it). Off by default."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (100 epochs); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -313,6 +327,7 @@ def lpsam_train_prompter_command(
 ) -> None:
     """Stage 2: train the latent prompt engine (one token group per class); SAM and adapters frozen."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import PrompterConfig, run_train_prompter
 
     overrides = _lpsam_overrides(
@@ -324,6 +339,7 @@ def lpsam_train_prompter_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "train-prompter"), **overrides}
     result = run_train_prompter(load_config(PrompterConfig, config, overrides))
     typer.echo(f"stage 2 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -336,8 +352,10 @@ def lpsam_predict_command(
     sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="The base SAM checkpoint it was trained on."),
     out: Path = typer.Option(..., "--out", help="Output folder: <name>.npz + <name>.json per image, predictions.json."),
     png: bool = typer.Option(False, "--png", help="Also write <name>_overlay.png."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (bf16 autocast on CUDA)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (bf16 on CUDA unless --precision fp32)."),
     batch_size: int = typer.Option(8, "--batch-size"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 (bf16 weights; CUDA default) or bf16-autocast."),
+    compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (CUDA, long runs)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Class-mask probability threshold."),
     min_area: int = typer.Option(16, "--min-area", help="Minimum component / mask area in pixels."),
     max_masks: int = typer.Option(32, "--max-masks", help="At most this many masks per image (residual included)."),
@@ -354,8 +372,12 @@ def lpsam_predict_command(
     files = collect_images(images)
     model, _ = load_lpsam(checkpoint, sam_checkpoint=sam_checkpoint)
     options = PredictorOptions(threshold=threshold, min_area=min_area, amg=amg, amg_points_per_side=amg_points_per_side)
-    predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, options=options)
+    try:
+        predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, precision=precision, compile=compile_model, options=options)
+    except ValueError as exc:
+        raise UserInputError(f"--precision: {exc}") from None
     summary = predict_files(predictor, files, out, png=png, max_masks=max_masks, progress=progress)
+    predictor.close()
     typer.echo(f"{len(summary)} images, {sum(len(r['masks']) for r in summary)} masks -> {out}")
 
 
@@ -495,7 +517,12 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
+<<<<<<< HEAD
 def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200, eval_count: int = 0) -> dict:
+=======
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
+             annotations: bool = False) -> dict:
+>>>>>>> main
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -521,7 +548,7 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
 
     console.rule("1. phantom corpus")
     corpus = out / "corpus"
-    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress)
+    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress, annotations=annotations)
     result["corpus"] = corpus
 
     console.rule(f"2. precompute-masks (--masker {masker})")
@@ -616,11 +643,16 @@ def demo_command(
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
+<<<<<<< HEAD
     eval_count: int = typer.Option(60, "--eval-count", help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
+=======
+    annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
+>>>>>>> main
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
+<<<<<<< HEAD
     run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps,
              eval_count=eval_count)
 
@@ -684,6 +716,9 @@ def evaluate_command(
     specs = [parse_encoder_option(text) for text in (encoder or [])]
     results = run_evaluation(eval_config, specs, reader=IngestFrameReader())
     typer.echo(f"report: {out / 'results.md'} ({len(results['runs'])} runs; selection: {results['selection']})")
+=======
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps, annotations=annotations)
+>>>>>>> main
 
 
 
