@@ -517,12 +517,8 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-<<<<<<< HEAD
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200, eval_count: int = 0) -> dict:
-=======
 def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
-             annotations: bool = False) -> dict:
->>>>>>> main
+             annotations: bool = False, eval_count: int = 0) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -643,18 +639,14 @@ def demo_command(
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
-<<<<<<< HEAD
-    eval_count: int = typer.Option(60, "--eval-count", help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
-=======
     annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
->>>>>>> main
+    eval_count: int = typer.Option(60, "--eval-count", help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
-<<<<<<< HEAD
     run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps,
-             eval_count=eval_count)
+             annotations=annotations, eval_count=eval_count)
 
 
 
@@ -716,9 +708,6 @@ def evaluate_command(
     specs = [parse_encoder_option(text) for text in (encoder or [])]
     results = run_evaluation(eval_config, specs, reader=IngestFrameReader())
     typer.echo(f"report: {out / 'results.md'} ({len(results['runs'])} runs; selection: {results['selection']})")
-=======
-    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps, annotations=annotations)
->>>>>>> main
 
 
 

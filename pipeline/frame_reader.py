@@ -9,18 +9,18 @@ from pathlib import Path
 
 from anaus_core.errors import UserInputError
 from anaus_core.evaluate.reader import Frame
-from pipeline.ingest import DICOM_EXTENSIONS, MEDIA_EXTENSIONS, IngestError, decode_frames
+from pipeline.ingest import MEDIA_EXTENSIONS, IngestError, SourceInfo, decode_frames_with_colour
 
 
-def _dicom_tags(path: Path) -> tuple[str | None, tuple[float, float] | None]:
-    """(PatientID, PixelSpacing in mm as (row, column)) from the DICOM header, when present."""
+def _dicom_spacing(path: Path) -> tuple[float, float] | None:
+    """Pixel spacing in mm as (row, column) from the DICOM header, when present. (The ingest's
+    ``SourceInfo`` carries the grouping tags but not the spacing, hence this header read.)"""
     import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # the pixel decoder already accepted the file; missing tags are not errors
-        return None, None
-    patient = str(ds.get("PatientID", "") or "").strip() or None
+        return None
     spacing = None
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(tag)
@@ -33,7 +33,7 @@ def _dicom_tags(path: Path) -> tuple[str | None, tuple[float, float] | None]:
         dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
         if dx and dy and int(region.get("PhysicalUnitsXDirection", 0)) == 3:
             spacing = (abs(float(dy)) * 10.0, abs(float(dx)) * 10.0)
-    return patient, spacing
+    return spacing
 
 
 class IngestFrameReader:
@@ -44,11 +44,11 @@ class IngestFrameReader:
 
     def read(self, path: Path) -> list[Frame]:
         path = Path(path)
+        info = SourceInfo()
         try:
-            frames = list(decode_frames(path))
+            frames = [(frame, gray) for frame, gray, _ in decode_frames_with_colour(path, info=info)]
         except IngestError as exc:
             raise UserInputError(f"{path}: {exc.reason}") from None
-        patient, spacing = (None, None)
-        if path.suffix.lower() in DICOM_EXTENSIONS:
-            patient, spacing = _dicom_tags(path)
+        patient = info.dicom.get("PatientID") or None
+        spacing = _dicom_spacing(path) if info.kind == "dicom" else None
         return [Frame(image=gray, frame=frame, patient_id=patient, spacing=spacing) for frame, gray in frames]

@@ -116,7 +116,7 @@ def read_splits_file(path: str | Path, ids: list[str], files: list[str]) -> np.n
             rows = [r for r in csv.reader(handle) if r and "".join(r).strip()]
     except OSError as exc:
         raise UserInputError(f"{path}: cannot read split file ({exc.strerror or exc})") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["file", "fold"]:
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "fold"], ["path", "fold"]):
         rows = rows[1:]
     by_name: dict[str, int] = {}
     known = set(ids) | set(files)

@@ -31,7 +31,8 @@ def read_groups_file(path: str | Path, dataset: EvalDataset) -> tuple[dict[str, 
             rows = list(csv.reader(handle))
     except OSError as exc:
         raise UserInputError(f"{path}: cannot read groups file ({exc.strerror or exc})") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["file", "group"]:
+    # header "file,group" (or "path,group", the precompute job's groups.csv)
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["file", "group"], ["path", "group"]):
         rows = rows[1:]
     known = {item.file for item in dataset.items}
     mapping: dict[str, str] = {}
