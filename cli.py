@@ -413,6 +413,24 @@ def shard_data_source(config):
                                 pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor)
 
 
+def online_evaluator(config):
+    """The trainer's online evaluation over ``config.eval.data`` read through the same frame
+    reader as ``anaus evaluate`` (None when ``eval.data`` is empty, and on every rank but 0 under
+    torchrun: only the main rank evaluates). Built before training so a bad folder fails at once."""
+    import os
+
+    if not config.eval.enabled or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    import torch
+
+    from anaus_core.evaluate.online import OnlineEvaluator
+    from pipeline.frame_reader import IngestFrameReader
+
+    on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+    return OnlineEvaluator(config.eval, reader=IngestFrameReader(), image_size=config.views.size,
+                           device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_cuda else "cpu")
+
+
 def _init_overrides(init: Optional[str], weights: Optional[Path]) -> dict:
     """``--init``/``--weights`` -> ``model.pretrained_weights`` (nothing is ever downloaded)."""
     if init is None and weights is None:
@@ -460,6 +478,8 @@ def pretrain_command(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Optimiser steps between checkpoints (0: only at the end)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar with images/s and ETA."),
     set_values: Optional[list[str]] = typer.Option(None, "--set", help="Any config field, e.g. --set model.objective=byol --set optim.final_lr=0.001 (repeatable)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Online evaluation: class-per-folder labelled images (the `anaus evaluate` layout); kNN + linear probe on held-out folds, logged to metrics.jsonl."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Optimiser steps between online evaluations (default 500; 0 = only at the end)."),
 ) -> None:
     """Pre-train a ResNet-FPN encoder with AnaUS on precomputed mask shards (torchrun for multi-GPU)."""
     from anaus_core.config import load_config
@@ -473,6 +493,7 @@ def pretrain_command(
         "run.device": device, "run.amp": amp, "run.channels_last": channels_last, "run.compile": compile_mode,
         "model.sync_batchnorm": sync_batchnorm, "run.seed": seed, "run.log_every": log_every,
         "run.checkpoint_every": checkpoint_every, "run.progress": progress,
+        "eval.data": str(eval_data) if eval_data is not None else None, "eval.every": eval_every,
     }
     overrides.update(_parse_set_options(set_values))
     overrides.update(_init_overrides(init, weights))
@@ -493,7 +514,8 @@ def pretrain_command(
         raise ConfigError(f"{config_file or 'options'}: {exc}") from None
     if not config.data.shards:
         raise UserInputError("--shards: no shard folder given (option or data.shards in --config)")
-    result = pretrain(config, out, data=shard_data_source(config), resume=resume_path)
+    evaluator = online_evaluator(config)  # first: a bad --eval-data fails before any shard is opened
+    result = pretrain(config, out, data=shard_data_source(config), resume=resume_path, evaluator=evaluator)
     if result.encoder_path is not None:
         typer.echo(f"pretrain: {result.steps_done} steps; encoder -> {result.encoder_path}; loss curve -> {result.loss_curve}")
     else:

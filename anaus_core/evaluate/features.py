@@ -15,13 +15,16 @@ from anaus_core.evaluate.tensors import autocast, batches, network_input
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: np.ndarray, *, device: torch.device, batch_size: int = 64,
                      progress: Callable | None = None) -> Tensor:
-    """uint8 (N, H, W) -> float32 (N, D) pooled features on the CPU (backbone in eval mode)."""
+    """uint8 (N, H, W) -> float32 (N, D) pooled features on the CPU (backbone in eval mode).
+    ``backbone`` is an evaluation backbone (its ``features`` method) or any module mapping
+    (B, 3, H, W) -> (B, D) (e.g. a pre-training method's ``eval_encoder()``)."""
     backbone.eval().to(device)
+    forward = getattr(backbone, "features", backbone)
     chunks = []
     groups = batches(len(images), batch_size)
     for positions in (progress(groups) if progress else groups):
         with autocast(device):
-            chunks.append(backbone.features(network_input(images[positions.numpy()], device)).float().cpu())
+            chunks.append(forward(network_input(images[positions.numpy()], device)).float().cpu())
     return torch.cat(chunks)
 
 

@@ -83,6 +83,11 @@ class AnaUSMethod(AnaUSModel, PretrainMethod):
         torch.save(export_fpn_state_dict(self), fpn_path)
         return [encoder_path, fpn_path]
 
+    def eval_encoder(self) -> torch.nn.Module:
+        """The online torchvision ResNet (``fc`` = Identity): (B, 3, H, W) -> (B, C5) global
+        average pooled ``layer4`` features, exactly what ``encoder.pt`` gives ``anaus evaluate``."""
+        return self.online_backbone
+
     def health(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per-scale projection std and RankMe of the last forward (see ``health_monitors``);
         the empty-slot fraction is in the forward's outputs, the EMA momentum in

@@ -55,6 +55,12 @@ class PretrainMethod(torch.nn.Module):
         """Write the downstream artefacts (e.g. ``encoder.pt``) into ``out_dir``; returns the paths."""
         raise NotImplementedError
 
+    def eval_encoder(self) -> torch.nn.Module:
+        """The encoder as ``anaus evaluate`` would see its export: a module mapping normalised
+        (B, 3, H, W) images to (B, D) features, sharing this method's live weights (no copy).
+        Used by the online evaluation; a method without one cannot be evaluated online."""
+        raise NotImplementedError(f"method {getattr(self, 'name', type(self).__name__)!r} has no eval_encoder()")
+
     def health(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Optional collapse/health monitors (0-d tensors) from the last forward; default none."""
         return {}

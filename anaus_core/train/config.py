@@ -16,6 +16,7 @@ from anaus_core.config import ConfigError
 
 from anaus_core.augment.device import DeviceAugmentConfig
 from anaus_core.augment.views import ViewConfig
+from anaus_core.evaluate.online import OnlineEvalConfig
 from anaus_core.models.anaus_model import AnaUSConfig
 
 
@@ -77,6 +78,7 @@ class PretrainConfig:
     ``num_mask_samples`` = K). ``augment``: the batched photometric ops on the device.
     ``model``: encoder, heads, objective and ablation switches of AnaUS (incl. ``sync_batchnorm``).
     ``method``: which ``anaus_core.methods`` method trains (each method reads its own section).
+    ``eval``: online kNN / linear-probe evaluation during training (off while ``eval.data`` is empty).
     """
 
     method: str = "anaus"            # pre-training method (anaus_core.methods): "anaus", "avit"
@@ -86,6 +88,7 @@ class PretrainConfig:
     model: AnaUSConfig = field(default_factory=AnaUSConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
 
 
 def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
@@ -125,6 +128,10 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         raise ConfigError(f"run.log_every: must be >= 1, got {run.log_every}")
     if run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every: must be >= 0, got {run.checkpoint_every}")
+    try:
+        config.eval.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not 0 <= optim.ema_base <= 1:
         raise ConfigError(f"optim.ema_base: must be in [0, 1], got {optim.ema_base}")
 

@@ -100,7 +100,7 @@ class MetricsWriter:
             step = int(clean["step"])
             for key, value in clean.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    group = "loss" if key.startswith("loss") else "train"
+                    group = "loss" if key.startswith("loss") else "eval" if key.startswith("eval_") else "train"
                     self._tb.add_scalar(f"{group}/{key}", value, step)
 
     def close(self) -> None:
@@ -152,6 +152,15 @@ class WindowTimer:
         self.data_wait = 0.0
         self.images = 0
         self.steps = 0
+
+
+def eval_keys(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Online-evaluation accuracy columns present in the records (``eval_knn_top1``, ``eval_linear_acc``)."""
+    keys: set[str] = set()
+    for record in records:
+        keys.update(k for k, v in record.items() if k.startswith("eval_") and (k.endswith("_acc") or "top1" in k)
+                    and isinstance(v, (int, float)))
+    return sorted(keys)
 
 
 def loss_keys(records: Iterable[Mapping[str, Any]]) -> list[str]:

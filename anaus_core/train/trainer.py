@@ -69,6 +69,14 @@ FPN_FILENAME = "fpn.pt"
 LOSS_CURVE_FILENAME = "loss_curve.png"
 
 
+class OnlineEvaluation(Protocol):
+    """What the trainer needs from the online evaluation (``anaus_core.evaluate.online.
+    OnlineEvaluator``, built by the CLI with the injected frame reader): ``evaluate(encoder)``
+    scores an encoder view ((B, 3, H, W) -> (B, D)) and returns the values to log."""
+
+    def evaluate(self, encoder: torch.nn.Module) -> Mapping[str, float]: ...
+
+
 class PretrainDataSource(Protocol):
     """What the trainer needs from the data side.
 
@@ -92,6 +100,7 @@ class PretrainResult:
     steps_done: int
     total_steps: int
     records: list[dict[str, Any]] = field(default_factory=list)   # every metrics line this process logged
+    eval_records: list[dict[str, Any]] = field(default_factory=list)  # online-evaluation lines (rank 0)
     last_checkpoint: Path | None = None
     encoder_path: Path | None = None
     fpn_path: Path | None = None
@@ -268,24 +277,25 @@ _RESUME_LOCKED = ("method", "data.batch_size", "data.num_workers", "data.shuffle
 
 def pretrain(config: PretrainConfig, out_dir: str | Path, *, data: PretrainDataSource,
              resume: str | Path | bool | None = None, console=None,
-             stop_after_steps: int | None = None) -> PretrainResult:
+             stop_after_steps: int | None = None, evaluator: OnlineEvaluation | None = None) -> PretrainResult:
     """Run (or resume) a pre-training run into ``out_dir``; returns what it wrote.
 
     Works in one process or under ``torchrun`` (the process group is created from the
     environment and torn down at the end). ``stop_after_steps`` ends this session early —
     checkpointing first — without changing the schedule (the resume test uses it to split one
-    run into two sessions).
+    run into two sessions). ``evaluator``: the online evaluation, run on the main rank every
+    ``eval.every`` steps and at the end of the session (None: no online evaluation).
     """
     context = init_distributed(config.run.device)
     try:
         return _pretrain(config, Path(out_dir), data=data, resume=resume, context=context,
-                         console=console, stop_after_steps=stop_after_steps)
+                         console=console, stop_after_steps=stop_after_steps, evaluator=evaluator)
     finally:
         teardown_distributed(context)
 
 
 def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource, resume, context: DistributedContext,
-              console, stop_after_steps: int | None) -> PretrainResult:
+              console, stop_after_steps: int | None, evaluator: OnlineEvaluation | None = None) -> PretrainResult:
     validate_config(config, world_size=context.world_size)
     device = context.device
     on_cuda = device.type == "cuda"
@@ -317,6 +327,11 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config, schedule.peak_lr)
+    if evaluator is not None:
+        try:
+            model.eval_encoder()
+        except NotImplementedError as exc:
+            raise UserInputError(f"--eval-data: {exc}; online evaluation is not available for this method") from None
     if use_compile(config, device):
         model.compile_for_training()
 
@@ -435,6 +450,12 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                     window.reset()
 
                 at_end = step == end_step
+                if evaluator is not None and context.is_main and (
+                        at_end or (config.eval.every and step % config.eval.every == 0)):
+                    eval_record = {"step": step, "epoch": epoch,
+                                   **{k: float(v) for k, v in evaluator.evaluate(model.eval_encoder()).items()}}
+                    metrics.log(eval_record)
+                    result.eval_records.append(eval_record)
                 if at_end or (config.run.checkpoint_every and step % config.run.checkpoint_every == 0):
                     last_checkpoint = _save(model, optimizer, config, schedule, step, epoch, batches_done,
                                             run_dir, context, keep_step_file=config.run.keep_step_checkpoints)
