@@ -125,10 +125,6 @@ def fold_predictions(features: Tensor, labels: np.ndarray, folds: list[Fold], *,
     return {"knn": knn, "linear": lin}
 
 
-def _mean_fold_accuracy(predictions: np.ndarray, labels: np.ndarray, folds: list[Fold]) -> float:
-    return float(np.mean([(predictions[list(f.test)] == labels[list(f.test)]).mean() for f in folds]))
-
-
 class OnlineEvaluator:
     """Holds the decoded validation images, their labels and folds; ``evaluate(encoder)`` scores
     an encoder view ((B, 3, H, W) -> (B, D)).
@@ -178,17 +174,23 @@ class OnlineEvaluator:
             for module, training in modes:
                 module.training = training
 
-    def evaluate(self, encoder: nn.Module) -> dict[str, float]:
-        """``{"eval_knn_top1", "eval_linear_acc", "eval_images", "eval_seconds"}``: mean accuracy
-        over the held-out folds."""
-        started = time.perf_counter()
+    def fold_accuracies(self, encoder: nn.Module) -> dict[str, list[float]]:
+        """``{"knn": [...], "linear": [...]}``: accuracy on each held-out fold (for paired tests)."""
         features = self.features(encoder)
         predictions = fold_predictions(features, self.labels, self.folds, num_classes=self.num_classes,
                                        knn_k=self.config.knn_k, knn_temperature=self.config.knn_temperature,
                                        linear=self.config.linear, seed=self.config.seed, device=self.device)
+        return {name: [float((predicted[list(f.test)] == self.labels[list(f.test)]).mean()) for f in self.folds]
+                for name, predicted in predictions.items()}
+
+    def evaluate(self, encoder: nn.Module) -> dict[str, float]:
+        """``{"eval_knn_top1", "eval_linear_acc", "eval_images", "eval_seconds"}``: mean accuracy
+        over the held-out folds."""
+        started = time.perf_counter()
+        accuracies = self.fold_accuracies(encoder)
         return {
-            "eval_knn_top1": _mean_fold_accuracy(predictions["knn"], self.labels, self.folds),
-            "eval_linear_acc": _mean_fold_accuracy(predictions["linear"], self.labels, self.folds),
+            "eval_knn_top1": float(np.mean(accuracies["knn"])),
+            "eval_linear_acc": float(np.mean(accuracies["linear"])),
             "eval_images": float(len(self.labels)),
             "eval_seconds": time.perf_counter() - started,
         }
