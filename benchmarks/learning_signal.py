@@ -239,9 +239,9 @@ def report(args) -> dict:
     tests = [t for a, b in pairs for protocol in ("linear", "knn") if (t := _paired(records, a, b, protocol, seeds))]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
-    for ax, (key, title) in zip(axes[0], (("eval_linear_acc", "linear probe (mean of both geometries)"),
-                                          ("eval_linear_knn_top1", "kNN top-1, linear-array phantoms"),
-                                          ("eval_sector_knn_top1", "kNN top-1, sector phantoms"))):
+    for ax, (key, title) in zip(axes[0], (("eval_linear_linear_acc", "linear probe, linear-array phantoms"),
+                                          ("eval_sector_linear_acc", "linear probe, sector phantoms"),
+                                          ("eval_knn_top1", "kNN top-1 (mean of both geometries)"))):
         for arm in arms:
             curves = [records[(arm, s)]["curve"] for s in seeds]
             steps = sorted({p["step"] for c in curves for p in c})

@@ -4,6 +4,8 @@ run that logs the accuracies at the right steps and restores the model's train m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,24 @@ def test_cli_eval_options_and_bad_eval_folder(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "r"),
                                       "--eval-data", str(tmp_path / "missing"), "--steps", "1", "--device", "cpu"])
     assert result.exit_code == 2 and "missing" in result.output and "not found" in result.output
+
+
+@pytest.mark.slow
+def test_learning_signal_benchmark_end_to_end_toy(tmp_path):
+    """The benchmark at a toy size: phantoms -> shards -> random / BYOL / AnaUS arms with online
+    curves -> table, paired tests and the curve figure (about 40 s on the 2-core machine)."""
+    from benchmarks.learning_signal import main
+
+    results = main(["--work", str(tmp_path / "ls"), "--size", "48", "--view-size", "32", "--steps", "2",
+                    "--eval-every", "1", "--batch-size", "4", "--pretrain-count", "12", "--eval-count", "16",
+                    "--folds", "2", "--seeds", "0", "--arms", "random", "byol", "anaus-ultrasound-labels",
+                    "--figure", str(tmp_path / "curve.png")])
+    assert [row["arm"] for row in results["table"]] == ["random", "byol", "anaus-ultrasound-labels"]
+    assert (tmp_path / "curve.png").stat().st_size > 10_000 and (tmp_path / "ls" / "report.md").exists()
+    curve = json.loads((tmp_path / "ls" / "runs" / "byol-s0" / "result.json").read_text())["curve"]
+    assert [point["step"] for point in curve] == [0, 1, 2]
+    random_run = json.loads((tmp_path / "ls" / "runs" / "random-s0" / "result.json").read_text())
+    assert curve[0]["eval_linear_acc"] == random_run["curve"][0]["eval_linear_acc"]  # same initialisation
+    pairs = {(t["a"], t["b"], t["protocol"]) for t in results["tests"]}
+    assert ("anaus-ultrasound-labels", "byol", "linear") in pairs and ("byol", "random", "knn") in pairs
+    assert all(t["n"] == 2 * 2 for t in results["tests"])  # folds x geometries x seeds
