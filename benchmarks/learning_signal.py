@@ -273,12 +273,18 @@ def report(args) -> dict:
         lines.append(f"| {row['arm']} | {row['steps']} | {row['linear_linear']:.3f} / {row['linear_sector']:.3f} / "
                      f"**{row['linear']:.3f}** | {row['knn_linear']:.3f} / {row['knn_sector']:.3f} / **{row['knn']:.3f}** | "
                      f"{row['seconds']:.0f} |")
+    majority = {}
+    for geometry in GEOMETRIES:
+        counts = [len(list(d.iterdir())) for d in (work / "tasks" / geometry / "classification").iterdir() if d.is_dir()]
+        majority[geometry] = max(counts) / sum(counts) if counts else float("nan")
+    lines.append(f"| (majority class) | – | {majority['linear']:.3f} / {majority['sector']:.3f} / "
+                 f"{np.mean(list(majority.values())):.3f} | same | – |")
     lines += ["", "| a − b | probe | mean a | mean b | median diff | n | p (Wilcoxon) |", "|---|---|---|---|---|---|---|"]
     for t in tests:
         lines.append(f"| {t['a']} − {t['b']} | {t['protocol']} | {t['mean_a']:.3f} | {t['mean_b']:.3f} | "
                      f"{t['median_difference']:+.3f} | {t['n']} | {t['p_value']:.3g} |")
     (work / "report.md").write_text("\n".join(lines) + "\n")
-    results = {"seeds": seeds, "arms": arms, "table": table, "tests": tests, "figure": str(curve_path),
+    results = {"seeds": seeds, "arms": arms, "table": table, "tests": tests, "majority": majority, "figure": str(curve_path),
                "settings": {k: v for k, v in vars(args).items() if k not in ("stage",)}}
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n".join(lines), flush=True)
