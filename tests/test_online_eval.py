@@ -161,7 +161,7 @@ def test_pretrain_logs_online_evaluation_at_eval_steps(eval_folder, tmp_path):
     from PIL import Image as _Image
 
     width = _Image.open(tmp_path / "run" / "loss_curve.png").size[0]
-    assert width > 1000  # the extra online-evaluation panel
+    assert width > 1500  # three panels (loss, per scale, online evaluation); two are 1210 px wide
 
 
 def test_cli_eval_options_and_bad_eval_folder(tmp_path):
