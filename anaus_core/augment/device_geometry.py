@@ -142,7 +142,8 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
 
     Returns ``view1, view2, core`` float (B, 1, S, S) in [0, 1] (multiples of 1/255, as the
     worker path's uint8 views divided by 255), ``masks1, masks2`` uint8 (B, K, S, S) and
-    ``mask_valid1/2`` bool (B, K). ``method``: see ``resized_crop_batch``.
+    ``mask_valid1/2`` bool (B, K); with a ``region`` canvas also ``core_region`` uint8 (B, 1, S, S)
+    in {0, 1} (zeros for an invalid core). ``method``: see ``resized_crop_batch``.
     """
     image = batch["image"]
     layers = batch["mask_layers"]
@@ -165,4 +166,9 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
     core_boxes = torch.where(valid[:, None], batch["core_box"].to(image.device) - origin, stand_in)
     core = resized_crop_batch(image, core_boxes, size, method=method)
     out["core"] = core.mul_(valid[:, None, None, None].to(core.dtype)).div_(255.0)
+    if "region" in batch:
+        # the scan region cut exactly like the core, with the masks' nearest-exact rule (never flipped)
+        no_flip = torch.zeros_like(valid)
+        region = warp_layers_batch(batch["region"], core_boxes, no_flip, size)
+        out["core_region"] = region.to(torch.uint8) * valid[:, None, None, None].to(torch.uint8)
     return out

@@ -179,7 +179,7 @@ def sample_mask_slots(weights: np.ndarray, num_samples: int, rng: np.random.Gene
 
 
 def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, config, grids: Sequence[np.ndarray | None] | None = None,
-               masks: Sequence | None = None) -> BatchDraws:
+               masks: Sequence | None = None, regions: Sequence[np.ndarray | None] | None = None) -> BatchDraws:
     """All random draws of B samples' paired views.
 
     Args:
@@ -189,6 +189,10 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
         grids: per sample, the area-fraction grid of its masks (``sampling_area="grid"``), or None.
         masks: per sample, its masks (bool (M, H, W) or ``MaskLayers``) — used for exact areas
             when ``sampling_area="exact"`` or when a sample has no grid; also gives M.
+        regions: per sample, its scan region (bool (H, W)) or None (the whole image). A core
+            box with less than ``config.core_min_region`` of its pixels inside the region is
+            invalid (``core_valid`` False): L_ctx would regress mostly black frame. Draws no
+            random numbers, so the stream of draws does not depend on it.
     """
     batch = len(shapes)
     heights = np.repeat(np.array([s[0] for s in shapes], np.int64), 2)
@@ -231,5 +235,20 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
     bottom = np.minimum(crops[:, 0, 0] + crops[:, 0, 2], crops[:, 1, 0] + crops[:, 1, 2])
     right = np.minimum(crops[:, 0, 1] + crops[:, 0, 3], crops[:, 1, 1] + crops[:, 1, 3])
     core_valid = np.minimum(bottom - top, right - left) >= max(1, config.core_min_side)
+    if regions is not None:
+        core_valid &= core_region_coverage(regions, top, left, bottom, right) >= getattr(config, "core_min_region", 0.0)
     core = np.where(core_valid[:, None], np.stack([top, left, bottom - top, right - left], axis=1), 0).astype(np.int64)
     return BatchDraws(crops=crops, flips=flips, chosen=chosen, core=core, core_valid=core_valid)
+
+
+def core_region_coverage(regions: Sequence[np.ndarray | None], top: np.ndarray, left: np.ndarray, bottom: np.ndarray,
+                         right: np.ndarray) -> np.ndarray:
+    """float64 (B,): fraction of each box's stored pixels inside its sample's scan region (1 for
+    a sample without a region, 0 for an empty box)."""
+    coverage = np.ones(len(regions), np.float64)
+    for index, region in enumerate(regions):
+        if region is None:
+            continue
+        cut = np.asarray(region, bool)[max(0, top[index]):max(0, bottom[index]), max(0, left[index]):max(0, right[index])]
+        coverage[index] = cut.mean() if cut.size else 0.0
+    return coverage
