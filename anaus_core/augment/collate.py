@@ -33,6 +33,8 @@ BATCH_FIELDS: dict[str, torch.dtype] = {
     "core_box": torch.float32,
     "canvas_origin": torch.int64,
     "view_size": torch.int64,
+    "sector": torch.float32,
+    "apex": torch.float32,
 }
 
 

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from anaus_core.augment.geometry import CropBox, box_area_exact
+from anaus_core.augment.probe_geometry import depth_rows, estimate_fan_apex, kept_rows
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class BatchDraws:
             (the image has no mask present in both views, or in either with ``"either"``).
         core: int64 (B, 4) the overlap of both crops (zeros where ``core_valid`` is False).
         core_valid: bool (B,).
+        depth: float64 (B, 2) fraction of the depth range each view keeps (1 = no depth crop;
+            the crops already lie inside the kept rows).
+        sector: float64 (B, 2) sector-angle factor of each view (1 = unchanged).
+        apex: float64 (B, 2) (row, column) of each sample's fan apex; NaN where none was found.
     """
 
     crops: np.ndarray
@@ -43,6 +48,15 @@ class BatchDraws:
     chosen: np.ndarray
     core: np.ndarray
     core_valid: np.ndarray
+    depth: np.ndarray | None = None
+    sector: np.ndarray | None = None
+    apex: np.ndarray | None = None
+
+    def sector_warp(self, sample: int, view: int) -> tuple[tuple[float, float], float] | None:
+        """(apex, factor) of a view's sector-angle change, or None when it has none."""
+        if self.sector is None or self.sector[sample, view] == 1.0 or not np.isfinite(self.apex[sample]).all():
+            return None
+        return (float(self.apex[sample, 0]), float(self.apex[sample, 1])), float(self.sector[sample, view])
 
     def box(self, sample: int, view: int) -> CropBox:
         top, left, height, width = (int(v) for v in self.crops[sample, view])
@@ -197,7 +211,30 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
     batch = len(shapes)
     heights = np.repeat(np.array([s[0] for s in shapes], np.int64), 2)
     widths = np.repeat(np.array([s[1] for s in shapes], np.int64), 2)
-    crops = sample_resized_crops(rng, heights, widths, scale=(config.scale_min, config.scale_max),
+    # probe-geometry changes (probe_geometry; off by default: no draws then, the stream of the
+    # other draws is unchanged)
+    depth = sector = apex = None
+    crop_heights = heights
+    if getattr(config, "depth_crop_p", 0.0) > 0:
+        drawn = rng.random((batch, 2)) < config.depth_crop_p
+        depth = np.where(drawn, rng.uniform(config.depth_crop_min, 1.0, (batch, 2)), 1.0)
+        crop_heights = heights.copy()
+        for b in range(batch):
+            first, stop = depth_rows(None if regions is None else regions[b], shapes[b][0])
+            for view in range(2):
+                if depth[b, view] < 1.0:
+                    crop_heights[2 * b + view] = kept_rows(first, stop, depth[b, view])
+    if getattr(config, "sector_angle_p", 0.0) > 0:
+        low, high = config.sector_angle_range
+        drawn = rng.random((batch, 2)) < config.sector_angle_p
+        sector = np.where(drawn, rng.uniform(low, high, (batch, 2)), 1.0)
+        apex = np.full((batch, 2), np.nan)
+        for b in range(batch):
+            if sector[b].min() != 1.0 or sector[b].max() != 1.0:
+                found = None if regions is None or regions[b] is None else estimate_fan_apex(regions[b])
+                apex[b] = found if found is not None else np.nan
+        sector = np.where(np.isfinite(apex).all(axis=1)[:, None], sector, 1.0)
+    crops = sample_resized_crops(rng, crop_heights, widths, scale=(config.scale_min, config.scale_max),
                                  ratio=(config.ratio_min, config.ratio_max)).reshape(batch, 2, 4)
     flips = rng.random((batch, 2)) < config.flip_p
 
@@ -238,7 +275,8 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
     if regions is not None:
         core_valid &= core_region_coverage(regions, top, left, bottom, right) >= getattr(config, "core_min_region", 0.0)
     core = np.where(core_valid[:, None], np.stack([top, left, bottom - top, right - left], axis=1), 0).astype(np.int64)
-    return BatchDraws(crops=crops, flips=flips, chosen=chosen, core=core, core_valid=core_valid)
+    return BatchDraws(crops=crops, flips=flips, chosen=chosen, core=core, core_valid=core_valid,
+                      depth=depth, sector=sector, apex=apex)
 
 
 def core_region_coverage(regions: Sequence[np.ndarray | None], top: np.ndarray, left: np.ndarray, bottom: np.ndarray,

@@ -52,6 +52,7 @@ from dataclasses import replace, dataclass
 import numpy as np
 
 from anaus_core.augment.draws import BatchDraws, draw_batch
+from anaus_core.augment.probe_geometry import sector_warp_numpy
 from anaus_core.augment.geometry import (
     CropBox,
     resize_region,
@@ -96,6 +97,15 @@ class ViewConfig:
     # A core box with less than this fraction of its stored pixels inside the sample's scan
     # region is no core (core_valid=False); cells outside the region never count in L_ctx anyway.
     core_min_region: float = 0.25
+    # Probe-geometry changes (anaus_core.augment.probe_geometry; the ``ultrasound`` policy's
+    # geometric half, off by default). Depth crop: with probability depth_crop_p a view keeps
+    # only the top U(depth_crop_min, 1) of the scan's depth range before its resized crop.
+    # Sector angle: with probability sector_angle_p a sector image's fan angle is scaled by
+    # U(sector_angle_range) about its apex (needs the scan region; linear images are left alone).
+    depth_crop_p: float = 0.0
+    depth_crop_min: float = 0.6
+    sector_angle_p: float = 0.0
+    sector_angle_range: tuple[float, float] = (0.8, 1.25)
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size % 8:
@@ -112,6 +122,14 @@ class ViewConfig:
             raise ValueError(f"sampling_area must be 'grid' or 'exact', got {self.sampling_area!r}")
         if self.mask_presence not in ("both", "either"):
             raise ValueError(f"mask_presence must be 'both' or 'either', got {self.mask_presence!r}")
+        for name in ("depth_crop_p", "sector_angle_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.depth_crop_min <= 1:
+            raise ValueError(f"depth_crop_min must be in (0, 1], got {self.depth_crop_min}")
+        self.sector_angle_range = tuple(float(v) for v in self.sector_angle_range)
+        if len(self.sector_angle_range) != 2 or not 0.25 <= self.sector_angle_range[0] <= self.sector_angle_range[1] <= 4:
+            raise ValueError(f"sector_angle_range must be (low, high) with 0.25 <= low <= high <= 4, got {self.sector_angle_range}")
         if not 0 <= self.core_min_region <= 1:
             raise ValueError(f"core_min_region must be in [0, 1], got {self.core_min_region}")
         if self.min_view_area < 0:
@@ -254,6 +272,13 @@ class PairedViews:
             if out is not None:
                 raise ValueError("render(out=...) writes worker-geometry fields only")
             fields.update(self._device_fields(image, masks, chosen, (box1, box2), core_box, region))
+            if config.sector_angle_p > 0:
+                fields["sector"] = (draws.sector[sample] if draws.sector is not None else np.ones(2)).astype(np.float32)
+                fields["apex"] = np.nan_to_num(draws.apex[sample] if draws.apex is not None else np.zeros(2)).astype(np.float32)
+                if (fields["sector"] != 1).any():
+                    # the warp reads outside the crops: ship the whole image (the canvas starts at 0, 0)
+                    fields.update(self._device_fields(image, masks, chosen, (CropBox(0, 0, *image.shape),) * 2,
+                                                      core_box, region))
             return fields
 
         packed_width = size // 8
@@ -275,9 +300,13 @@ class PairedViews:
                 row["core_region"] = out["core_region"][sample]
         for which, box, flip in ((1, box1, flip1), (2, box2, flip2)):
             packed_out, valid_out = row[f"masks{which}"], row[f"mask_valid{which}"]
+            view_image, view_masks = image, masks
+            sector = draws.sector_warp(sample, which - 1)
+            if sector is not None:  # the sector-angle change, before the crop (probe_geometry)
+                view_image, view_masks = _sector_warped(image, masks, *sector)
             if chosen.size:
                 unique, slot_to_unique = np.unique(chosen, return_inverse=True)
-                warped = self._warp_selected(masks, unique, box, flip)
+                warped = self._warp_selected(view_masks, unique, box, flip)
                 # size % 8 == 0, so packing the flat array is packing each row
                 packed = np.packbits(warped.reshape(-1), bitorder="big").reshape(len(unique), size, packed_width)
                 packed_out[:len(chosen)] = packed[slot_to_unique]
@@ -285,7 +314,7 @@ class PairedViews:
             # slots are filled in order, so the empty ones (-1) are the tail
             packed_out[len(chosen):] = 0
             valid_out[len(chosen):] = False
-            row[f"view{which}"][0] = warp_image(image, box, flip, size)
+            row[f"view{which}"][0] = warp_image(view_image, box, flip, size)
         row["core"][0] = resize_region(image, core_box, size) if core_box is not None else 0
         if "core_region" in row:
             row["core_region"][0] = _packed_core_region(region, core_box, size)
@@ -353,3 +382,14 @@ def _packed_core_region(region: np.ndarray | None, core_box: CropBox | None, siz
         return np.full((size, packed_width), 255, np.uint8)
     cut = warp_masks(region[None], core_box, False, size)[0]
     return np.packbits(cut.reshape(-1), bitorder="big").reshape(size, packed_width)
+
+
+def _sector_warped(image: np.ndarray, masks: np.ndarray | MaskLayers, apex: tuple[float, float],
+                   factor: float) -> tuple[np.ndarray, np.ndarray | MaskLayers]:
+    """The image and masks after a view's sector-angle change (``probe_geometry``): the image
+    bilinearly, the masks nearest-exact at the same source points."""
+    if isinstance(masks, MaskLayers):
+        warped, layers, _ = sector_warp_numpy(image, masks.layers, None, apex, factor)
+        return warped, MaskLayers(layers, masks.layer_of_mask)
+    warped, layers, _ = sector_warp_numpy(image, masks.view(np.uint8), None, apex, factor)
+    return warped, layers.astype(bool)
