@@ -196,3 +196,18 @@ def test_cyst_stays_darker_than_its_surroundings_after_the_geometry_changes():
                     assert means[1] < means[2]
                     checked += 1
     assert checked >= 10
+
+
+def test_probe_geometry_settings_are_config_fields():
+    from anaus_core.config import ConfigError, load_config
+    from anaus_core.train.config import PretrainConfig
+
+    config = load_config(PretrainConfig, overrides={"views.depth_crop_p": "0.5", "views.depth_crop_min": "0.7",
+                                                    "views.sector_angle_p": "0.5", "views.sector_angle_range": [0.8, 1.2],
+                                                    "views.core_min_region": "0.3"})
+    views = config.views
+    assert (views.depth_crop_p, views.depth_crop_min, views.sector_angle_p) == (0.5, 0.7, 0.5)
+    assert tuple(views.sector_angle_range) == (0.8, 1.2) and views.core_min_region == 0.3
+    for bad in ({"views.depth_crop_min": "0"}, {"views.sector_angle_range": [1.2, 0.8]}, {"views.sector_angle_p": "2"}):
+        with pytest.raises((ConfigError, ValueError)):
+            load_config(PretrainConfig, overrides=bad)
