@@ -12,18 +12,19 @@ from anaus_core.augment.batch import build_batch
 from anaus_core.augment.device import DeviceAugmentConfig, prepare_batch
 from anaus_core.augment.draws import draw_batch
 from anaus_core.augment.geometry import CropBox, warp_image, warp_masks
-from anaus_core.augment.probe_geometry import depth_rows, estimate_fan_apex, kept_rows, sector_warp_numpy
+from anaus_core.augment.probe_geometry import depth_rows, estimate_fan_apex, face_radius, kept_rows, sector_warp_numpy
 from anaus_core.augment.views import PairedViews, ViewConfig
 
 
-def fan(height: int, width: int, apex=(-6.0, None), half_angle_deg: float = 35.0, depth: float | None = None) -> np.ndarray:
-    """bool (H, W) sector region: points within ``half_angle`` of the downward axis from ``apex``
-    and closer than ``depth``."""
+def fan(height: int, width: int, apex=(-6.0, None), half_angle_deg: float = 35.0, depth: float | None = None,
+        face: float = 0.0) -> np.ndarray:
+    """bool (H, W) sector region: points within ``half_angle`` of the downward axis from ``apex``,
+    farther than ``face`` (a curvilinear probe's face) and closer than ``depth``."""
     apex_row, apex_col = apex[0], width / 2 if apex[1] is None else apex[1]
     rows, cols = np.mgrid[:height, :width] + 0.5
     angle = np.degrees(np.arctan2(cols - apex_col, rows - apex_row))
     radius = np.hypot(rows - apex_row, cols - apex_col)
-    return (np.abs(angle) < half_angle_deg) & (radius < (depth or height - 2 - apex_row)) & (rows > 0)
+    return (np.abs(angle) < half_angle_deg) & (radius < (depth or height - 2 - apex_row)) & (radius > face) & (rows > 0)
 
 
 def test_apex_of_a_fan_is_found_and_a_linear_scan_has_none():
@@ -39,7 +40,7 @@ def test_apex_of_a_fan_is_found_and_a_linear_scan_has_none():
 
 def _label_fan(height: int, width: int, seed: int):
     """A fan split into angular/radial sectors: masks (M, H, W), label image, id image."""
-    region = fan(height, width)
+    region = fan(height, width, face=14.0)
     rows, cols = np.mgrid[:height, :width] + 0.5
     angle = np.arctan2(cols - width / 2, rows + 6.0)
     radius = np.hypot(rows + 6.0, cols - width / 2)
@@ -65,8 +66,8 @@ def _interior(label: np.ndarray) -> np.ndarray:
     return inside
 
 
-@pytest.mark.parametrize("factor", [0.8, 1.2])
-def test_sector_warp_moves_masks_exactly_with_the_image(factor):
+@pytest.mark.parametrize("factor, convexity", [(0.8, 1.0), (1.2, 1.0), (1.0, 0.6), (1.15, 1.6)])
+def test_sector_warp_moves_masks_exactly_with_the_image(factor, convexity):
     """As tests/test_views.py's alignment test: an image whose intensities encode the mask ids,
     warped (sector angle, then crop + resize + flip) by the image path, shows the id of the
     warped mask at every pixel away from borders."""
@@ -74,13 +75,16 @@ def test_sector_warp_moves_masks_exactly_with_the_image(factor):
     region, masks, label = _label_fan(height, width, seed=1)
     id_image = (40 * label).astype(np.uint8)
     apex = estimate_fan_apex(region)
+    apex = apex + (face_radius(region, apex),)
+    assert abs(apex[2] - 14.0) < 1.5
     warped_image, warped_layers, warped_region = sector_warp_numpy(id_image, label[None].astype(np.uint8), region,
-                                                                   apex, factor)
+                                                                   apex, factor, convexity)
     warped_label = warped_layers[0].astype(np.int64)
     # the region follows: the warped region is exactly where the warped labels are non-zero
     np.testing.assert_array_equal(warped_region, warped_label > 0)
     # interior after the warp: source pixel interior (all 4 bilinear taps share its label) ...
-    source_inside = sector_warp_numpy(id_image, _interior(label)[None].astype(np.uint8), None, apex, factor)[1][0] > 0
+    source_inside = sector_warp_numpy(id_image, _interior(label)[None].astype(np.uint8), None, apex, factor,
+                                      convexity)[1][0] > 0
     assert np.array_equal(warped_image[source_inside], 40 * warped_label[source_inside])
     # ... and through the view's crop as well
     view_inside = source_inside & _interior(np.where(source_inside, warped_label, -1))
@@ -94,8 +98,14 @@ def test_sector_warp_moves_masks_exactly_with_the_image(factor):
         inside = warp_masks(view_inside[None], box, flip, size)[0]
         assert inside.mean() > 0.1
         assert np.array_equal(view[inside], 40 * view_label[inside])
-    # the fan really changed its angle: wider (factor > 1) or narrower
-    assert (warped_region.sum() > region.sum()) == (factor > 1)
+    # the fan really changed: its apex moved by (1 - c) R and its face radius became c R
+    # (independent: re-estimated from the warped region), and it is wider for a > 1 alone
+    new_apex = estimate_fan_apex(warped_region)
+    assert new_apex is not None
+    assert abs(new_apex[0] - (apex[0] + (1 - convexity) * apex[2])) < 2.0, (new_apex, apex)
+    assert abs(face_radius(warped_region, new_apex) - convexity * apex[2]) < 2.0
+    if convexity == 1.0:
+        assert (warped_region.sum() > region.sum()) == (factor > 1)
 
 
 def _fan_samples(count: int, size: int = 64):
@@ -108,7 +118,8 @@ def _fan_samples(count: int, size: int = 64):
     return out
 
 
-GEOMETRY = dict(depth_crop_p=1.0, depth_crop_min=0.5, sector_angle_p=1.0, sector_angle_range=(0.7, 1.3))
+GEOMETRY = dict(depth_crop_p=1.0, depth_crop_min=0.5, sector_angle_p=1.0, sector_angle_range=(0.7, 1.3),
+                convexity_p=1.0, convexity_range=(0.5, 2.0))
 
 
 def test_off_by_default_and_draws_unchanged_when_off():
@@ -128,10 +139,10 @@ def test_depth_crop_keeps_the_top_of_the_scan_and_sector_draws_are_deterministic
     kwargs = dict(config=config, masks=[s[1] for s in samples], regions=[s[4] for s in samples])
     draws = draw_batch(np.random.default_rng(4), shapes, **kwargs)
     again = draw_batch(np.random.default_rng(4), shapes, **kwargs)
-    for name in ("crops", "flips", "chosen", "core", "depth", "sector", "apex"):
+    for name in ("crops", "flips", "chosen", "core", "depth", "sector", "convexity", "apex"):
         np.testing.assert_array_equal(getattr(draws, name), getattr(again, name))
     assert ((draws.depth >= 0.5) & (draws.depth < 1)).all()
-    assert (draws.sector != 1).all() and np.isfinite(draws.apex).all()
+    assert (draws.sector != 1).all() and (draws.convexity != 1).all() and np.isfinite(draws.apex).all()
     for b, (_, _, _, _, region) in enumerate(samples):
         first, stop = depth_rows(region, 64)
         for view in range(2):
@@ -139,7 +150,7 @@ def test_depth_crop_keeps_the_top_of_the_scan_and_sector_draws_are_deterministic
             assert top + box_h <= kept_rows(first, stop, draws.depth[b, view])
     # without a region: the image's rows, and no sector change (no apex to warp about)
     bare = draw_batch(np.random.default_rng(4), shapes, config=config, masks=[s[1] for s in samples])
-    assert (bare.sector == 1).all()
+    assert (bare.sector == 1).all() and (bare.convexity == 1).all()
     assert (bare.crops[..., 0] + bare.crops[..., 2] <= np.ceil(bare.depth * 64)).all()
 
 
@@ -158,15 +169,17 @@ def test_worker_and_device_paths_agree_with_the_probe_geometry_on():
         torch.testing.assert_close(worker[name], device[name], rtol=0, atol=1.01 / 255 / 0.224, msg=name)
     # and a sample's views moved: the same draws without the sector change give other views
     plain = PairedViews(ViewConfig(size=32, num_mask_samples=6, geometry="worker", sampling_area="exact",
-                                   **{**GEOMETRY, "sector_angle_range": (1.0, 1.0)}))
+                                   **{**GEOMETRY, "sector_angle_range": (1.0, 1.0), "convexity_range": (1.0, 1.0)}))
     unwarped = prepare_batch(build_batch(plain, samples, list(range(6)), np.random.default_rng(9)), device="cpu",
                              generator=torch.Generator().manual_seed(0), config=DeviceAugmentConfig(photometric=False))
+    torch.testing.assert_close(unwarped["crop1"], worker["crop1"], rtol=0, atol=0)   # same draws, factors 1
     assert not torch.equal(unwarped["masks1"], worker["masks1"])
+    assert not torch.equal(unwarped["view1"], worker["view1"])
 
 
 def test_cyst_stays_darker_than_its_surroundings_after_the_geometry_changes():
     size = 64
-    region = fan(size, size)
+    region = fan(size, size, face=12.0)
     rows, cols = np.mgrid[:size, :size] + 0.5
     distance = np.hypot(rows - 34, cols - size / 2)
     cyst = (distance < 7) & region

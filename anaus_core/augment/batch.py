@@ -52,9 +52,11 @@ def device_batch_layout(batch: int, config: ViewConfig, height: int, width: int,
     the scan-region canvas ``region`` (uint8 {0, 1}; all ones for a sample without a region)."""
     num = config.num_mask_samples
     extra = {"region": ((batch, 1, height, width), torch.uint8)} if region else {}
-    if getattr(config, "sector_angle_p", 0.0) > 0:
-        # per view: the sector-angle factor (1 = none) and the sample's fan apex (row, column)
-        extra |= {"sector": ((batch, 2), torch.float32), "apex": ((batch, 2), torch.float32)}
+    if getattr(config, "sector_angle_p", 0.0) > 0 or getattr(config, "convexity_p", 0.0) > 0:
+        # per view: the sector-angle and convexity factors (1 = none); per sample: the fan apex
+        # (row, column, face radius)
+        extra |= {"sector": ((batch, 2), torch.float32), "convexity": ((batch, 2), torch.float32),
+                  "apex": ((batch, 3), torch.float32)}
     return extra | {
         "image": ((batch, 1, height, width), torch.uint8),
         "mask_layers": ((batch, max(1, layers), height, width), torch.int32 if wide else torch.uint8),
@@ -104,8 +106,9 @@ def fill_device_fields(out: Mapping[str, torch.Tensor], draws: BatchDraws, layer
     out["core_box"].numpy()[:] = draws.core
     out["view_size"].numpy()[:] = size
     if "sector" in out:
-        out["sector"].numpy()[:] = draws.sector if draws.sector is not None else 1.0
-        out["apex"].numpy()[:] = np.nan_to_num(draws.apex) if draws.apex is not None else 0.0
+        out["sector"].numpy()[:] = draws.sector
+        out["convexity"].numpy()[:] = draws.convexity
+        out["apex"].numpy()[:] = np.nan_to_num(draws.apex)
 
 
 def build_batch(views: PairedViews, samples: Sequence[tuple], indices: Sequence[int],

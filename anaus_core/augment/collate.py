@@ -34,6 +34,7 @@ BATCH_FIELDS: dict[str, torch.dtype] = {
     "canvas_origin": torch.int64,
     "view_size": torch.int64,
     "sector": torch.float32,
+    "convexity": torch.float32,
     "apex": torch.float32,
 }
 

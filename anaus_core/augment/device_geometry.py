@@ -158,8 +158,10 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
         boxes, flips = batch[f"crop{which}"].to(image.device) - origin, batch[f"flip{which}"]
         view_image, view_layers = image, layers
         if "sector" in batch:
+            apex = batch["apex"].to(device=image.device, dtype=torch.float32).clone()
+            apex[:, :2] -= origin[:, :2]
             view_image, view_layers = _sector_warped(image, layers, batch["sector"][:, which - 1],
-                                                     batch["apex"].to(image.device) - origin[:, :2])
+                                                     batch["convexity"][:, which - 1], apex)
         out[f"view{which}"] = resized_crop_batch(view_image, boxes, size, flips, method=method).div_(255.0)
         masks = select_masks(warp_layers_batch(view_layers, boxes, flips, size), batch["mask_layer"], batch["mask_value"])
         out[f"masks{which}"] = masks
@@ -178,18 +180,18 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
     return out
 
 
-def _sector_warped(image: torch.Tensor, layers: torch.Tensor, factor: torch.Tensor,
+def _sector_warped(image: torch.Tensor, layers: torch.Tensor, factor: torch.Tensor, convexity: torch.Tensor,
                    apex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One view's sector-angle change (``probe_geometry``) of the whole canvas: the image
-    bilinearly (rounded, as the worker path's uint8 warp), the label layers nearest-exact.
+    """One view's sector-angle / convexity change (``probe_geometry``) of the whole canvas: the
+    image bilinearly (rounded, as the worker path's uint8 warp), the label layers nearest-exact.
     Computed for every sample and selected per sample (no data-dependent shapes or syncs);
-    factor 1 keeps a sample as it is."""
+    factors 1 keep a sample as it is."""
     from anaus_core.augment.probe_geometry import source_points, warp_images, warp_labels
 
     height, width = image.shape[-2:]
-    factor = factor.to(image.device)
-    warp = (factor != 1.0)[:, None, None, None]
-    rows, cols = source_points(height, width, apex, torch.where(factor != 1.0, factor, torch.ones_like(factor)))
+    factor, convexity = factor.to(image.device), convexity.to(image.device)
+    warp = ((factor != 1.0) | (convexity != 1.0))[:, None, None, None]
+    rows, cols = source_points(height, width, apex, factor, convexity)
     warped = warp_images(image.to(torch.float32), rows, cols).round_().clamp_(0, 255)
     warped_layers = warp_labels(layers, rows, cols)
     return (torch.where(warp, warped, image.to(torch.float32)),

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from anaus_core.augment.geometry import CropBox, box_area_exact
-from anaus_core.augment.probe_geometry import depth_rows, estimate_fan_apex, kept_rows
+from anaus_core.augment.probe_geometry import depth_rows, estimate_fan_apex, face_radius, kept_rows
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,9 @@ class BatchDraws:
         depth: float64 (B, 2) fraction of the depth range each view keeps (1 = no depth crop;
             the crops already lie inside the kept rows).
         sector: float64 (B, 2) sector-angle factor of each view (1 = unchanged).
-        apex: float64 (B, 2) (row, column) of each sample's fan apex; NaN where none was found.
+        convexity: float64 (B, 2) probe-face radius factor of each view (1 = unchanged).
+        apex: float64 (B, 3) (row, column, face radius) of each sample's fan apex; NaN where
+            none was found.
     """
 
     crops: np.ndarray
@@ -51,12 +53,17 @@ class BatchDraws:
     depth: np.ndarray | None = None
     sector: np.ndarray | None = None
     apex: np.ndarray | None = None
+    convexity: np.ndarray | None = None
 
-    def sector_warp(self, sample: int, view: int) -> tuple[tuple[float, float], float] | None:
-        """(apex, factor) of a view's sector-angle change, or None when it has none."""
-        if self.sector is None or self.sector[sample, view] == 1.0 or not np.isfinite(self.apex[sample]).all():
+    def sector_warp(self, sample: int, view: int) -> tuple[tuple[float, float, float], float, float] | None:
+        """(apex (row, column, face radius), angle factor, convexity factor) of a view's
+        sector change, or None when it has none."""
+        if self.sector is None or not np.isfinite(self.apex[sample]).all():
             return None
-        return (float(self.apex[sample, 0]), float(self.apex[sample, 1])), float(self.sector[sample, view])
+        factor, convexity = float(self.sector[sample, view]), float(self.convexity[sample, view])
+        if factor == 1.0 and convexity == 1.0:
+            return None
+        return tuple(float(v) for v in self.apex[sample]), factor, convexity
 
     def box(self, sample: int, view: int) -> CropBox:
         top, left, height, width = (int(v) for v in self.crops[sample, view])
@@ -224,16 +231,31 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
             for view in range(2):
                 if depth[b, view] < 1.0:
                     crop_heights[2 * b + view] = kept_rows(first, stop, depth[b, view])
-    if getattr(config, "sector_angle_p", 0.0) > 0:
-        low, high = config.sector_angle_range
-        drawn = rng.random((batch, 2)) < config.sector_angle_p
-        sector = np.where(drawn, rng.uniform(low, high, (batch, 2)), 1.0)
-        apex = np.full((batch, 2), np.nan)
+    convexity = None
+    if getattr(config, "sector_angle_p", 0.0) > 0 or getattr(config, "convexity_p", 0.0) > 0:
+        sector, convexity = np.ones((batch, 2)), np.ones((batch, 2))
+        if config.sector_angle_p > 0:
+            low, high = config.sector_angle_range
+            drawn = rng.random((batch, 2)) < config.sector_angle_p
+            sector = np.where(drawn, rng.uniform(low, high, (batch, 2)), 1.0)
+        if config.convexity_p > 0:
+            low, high = np.log(config.convexity_range)
+            drawn = rng.random((batch, 2)) < config.convexity_p
+            convexity = np.where(drawn, np.exp(rng.uniform(low, high, (batch, 2))), 1.0)
+        apex = np.full((batch, 3), np.nan)
         for b in range(batch):
-            if sector[b].min() != 1.0 or sector[b].max() != 1.0:
+            if (sector[b] != 1.0).any() or (convexity[b] != 1.0).any():
                 found = None if regions is None or regions[b] is None else estimate_fan_apex(regions[b])
-                apex[b] = found if found is not None else np.nan
-        sector = np.where(np.isfinite(apex).all(axis=1)[:, None], sector, 1.0)
+                if found is not None:
+                    apex[b] = found + (face_radius(regions[b], found),)
+        found = np.isfinite(apex).all(axis=1)
+        sector = np.where(found[:, None], sector, 1.0)
+        # a convexity change needs a curved face (a curvilinear probe): a phased array's apex
+        # sits on its face, and a face of a few pixels would be a large warp of the near field
+        curved = found & (np.nan_to_num(apex[:, 2]) >= 0.05 * np.array([s[0] for s in shapes]))
+        convexity = np.where(curved[:, None], convexity, 1.0)
+        # float32 values: the device path receives them as float32 and must warp identically
+        sector, convexity, apex = (a.astype(np.float32).astype(np.float64) for a in (sector, convexity, apex))
     crops = sample_resized_crops(rng, crop_heights, widths, scale=(config.scale_min, config.scale_max),
                                  ratio=(config.ratio_min, config.ratio_max)).reshape(batch, 2, 4)
     flips = rng.random((batch, 2)) < config.flip_p
@@ -276,7 +298,7 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
         core_valid &= core_region_coverage(regions, top, left, bottom, right) >= getattr(config, "core_min_region", 0.0)
     core = np.where(core_valid[:, None], np.stack([top, left, bottom - top, right - left], axis=1), 0).astype(np.int64)
     return BatchDraws(crops=crops, flips=flips, chosen=chosen, core=core, core_valid=core_valid,
-                      depth=depth, sector=sector, apex=apex)
+                      depth=depth, sector=sector, apex=apex, convexity=convexity)
 
 
 def core_region_coverage(regions: Sequence[np.ndarray | None], top: np.ndarray, left: np.ndarray, bottom: np.ndarray,

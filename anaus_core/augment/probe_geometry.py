@@ -73,27 +73,55 @@ def estimate_fan_apex(region: np.ndarray, *, min_opening: float = 0.2) -> tuple[
     return float(apex_row), float(slope_left * apex_row + offset_left)
 
 
-def source_points(height: int, width: int, apex: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each output pixel of the sector-angle change reads, for a batch.
+def source_points(height: int, width: int, apex: torch.Tensor, factor: torch.Tensor,
+                  convexity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each output pixel of the sector-angle / convexity change reads, for a batch.
 
     Args:
         height, width: the image (canvas) size.
-        apex: float (N, 2) (row, column) of each image's apex, continuous pixel coordinates.
+        apex: float (N, 2) (row, column) of each image's apex, continuous pixel coordinates, or
+            (N, 3) with the probe face's radius ``R`` (apex to the top of the fan on its axis)
+            as the third column (needed for ``convexity``).
         factor: float (N,) angle scale ``a``; 1 = identity.
+        convexity: optional float (N,) face-radius scale ``c``; 1 (or None) = identity.
 
     Returns:
-        float64 (N, H, W) source rows and columns, continuous coordinates: output pixel (y, x)
-        (centre ``(y + .5, x + .5)``) at radius ``r`` and angle ``θ`` from the apex (θ = 0
-        straight down the fan's axis) reads the point at radius ``r`` and angle ``θ / a``.
+        float64 (N, H, W) source rows and columns, continuous coordinates. Output pixel (y, x)
+        (centre ``(y + .5, x + .5)``) is taken at radius ``r'`` and angle ``θ'`` (θ = 0 straight
+        down the fan's axis) from the output apex, which sits ``(1 - c) R`` below the source apex
+        (the face's centre stays put). Its depth below the face ``t = r' - cR`` and its arc
+        length along the face ``s = cR θ'`` are kept: it reads the source point at radius
+        ``R + t`` and angle ``s / (R a)`` — for ``c = 1`` radius ``r'`` and angle ``θ' / a``,
+        a pure sector-angle change; ``c > 1`` flattens a curvilinear probe, ``c < 1`` curves it
+        more. Points above the apex side of the face (``R + t < 0``) read outside the image.
     """
     device = apex.device
     apex = apex.to(torch.float64)
     factor = factor.to(torch.float64)
-    ys = torch.arange(height, device=device, dtype=torch.float64)[None, :, None] + 0.5 - apex[:, 0, None, None]
+    face = apex[:, 2] if apex.shape[1] > 2 else torch.zeros_like(apex[:, 0])
+    scale = torch.ones_like(face) if convexity is None else convexity.to(device=device, dtype=torch.float64)
+    out_apex_row = apex[:, 0] + (1.0 - scale) * face
+    ys = torch.arange(height, device=device, dtype=torch.float64)[None, :, None] + 0.5 - out_apex_row[:, None, None]
     xs = torch.arange(width, device=device, dtype=torch.float64)[None, None, :] + 0.5 - apex[:, 1, None, None]
-    radius = torch.hypot(ys, xs)
-    angle = torch.atan2(xs, ys) / factor[:, None, None]
-    return apex[:, 0, None, None] + radius * torch.cos(angle), apex[:, 1, None, None] + radius * torch.sin(angle)
+    out_face = (scale * face)[:, None, None]
+    depth = torch.hypot(ys, xs) - out_face
+    arc = torch.atan2(xs, ys) * out_face
+    radius = face[:, None, None] + depth
+    # arc / R a = θ' c / a; written so that R = 0 (a phased array, no convexity) stays finite
+    angle = torch.atan2(xs, ys) * (scale / factor)[:, None, None]
+    angle = torch.where(face[:, None, None] > 0, arc / (face[:, None, None] * factor[:, None, None]).clamp_min(1e-12), angle)
+    rows = apex[:, 0, None, None] + radius * torch.cos(angle)
+    cols = apex[:, 1, None, None] + radius * torch.sin(angle)
+    behind = radius < 0
+    return torch.where(behind, -1.0, rows), torch.where(behind, -1.0, cols)
+
+
+def face_radius(region: np.ndarray, apex: tuple[float, float]) -> float:
+    """Distance from the apex to the top of the fan on its axis (the probe face's radius of a
+    curvilinear probe; ~0 for a phased array whose apex is on the face)."""
+    column = int(np.clip(np.floor(apex[1]), 0, region.shape[1] - 1))
+    rows = np.flatnonzero(np.asarray(region, bool)[:, column])
+    return max(0.0, float(rows[0]) - apex[0]) if len(rows) else 0.0
 
 
 def warp_images(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -117,11 +145,14 @@ def warp_labels(labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
 
 
 def sector_warp_numpy(image: np.ndarray, layers: np.ndarray | None, region: np.ndarray | None,
-                      apex: tuple[float, float], factor: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The worker path's sector-angle change of one sample: uint8 image (H, W) (rounded back
-    to uint8), label layers (L, H, W) and region (H, W) warped with ``source_points``."""
+                      apex: tuple[float, ...], factor: float,
+                      convexity: float = 1.0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The worker path's sector-angle / convexity change of one sample: uint8 image (H, W)
+    (rounded back to uint8), label layers (L, H, W) and region (H, W) warped with
+    ``source_points``; ``apex`` (row, column[, face radius])."""
     height, width = image.shape
-    rows, cols = source_points(height, width, torch.tensor([apex]), torch.tensor([float(factor)]))
+    rows, cols = source_points(height, width, torch.tensor([apex], dtype=torch.float64),
+                               torch.tensor([float(factor)]), torch.tensor([float(convexity)]))
     pixels = torch.from_numpy(np.ascontiguousarray(image, np.uint8)).to(torch.float32)[None, None]
     warped = warp_images(pixels, rows, cols).round_().clamp_(0, 255).to(torch.uint8)[0, 0].numpy()
     out_layers = out_region = None

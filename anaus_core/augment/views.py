@@ -106,6 +106,12 @@ class ViewConfig:
     depth_crop_min: float = 0.6
     sector_angle_p: float = 0.0
     sector_angle_range: tuple[float, float] = (0.8, 1.25)
+    # Convexity: with probability convexity_p a curvilinear image's probe-face radius is scaled
+    # by a log-uniform factor in convexity_range (> 1 flatter, < 1 more curved), depth and
+    # position along the face kept (needs the scan region; phased arrays and linear images are
+    # left alone).
+    convexity_p: float = 0.0
+    convexity_range: tuple[float, float] = (0.67, 1.5)
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size % 8:
@@ -122,7 +128,10 @@ class ViewConfig:
             raise ValueError(f"sampling_area must be 'grid' or 'exact', got {self.sampling_area!r}")
         if self.mask_presence not in ("both", "either"):
             raise ValueError(f"mask_presence must be 'both' or 'either', got {self.mask_presence!r}")
-        for name in ("depth_crop_p", "sector_angle_p"):
+        self.convexity_range = tuple(float(v) for v in self.convexity_range)
+        if len(self.convexity_range) != 2 or not 0.25 <= self.convexity_range[0] <= self.convexity_range[1] <= 4:
+            raise ValueError(f"convexity_range must be (low, high) with 0.25 <= low <= high <= 4, got {self.convexity_range}")
+        for name in ("depth_crop_p", "sector_angle_p", "convexity_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 < self.depth_crop_min <= 1:
@@ -272,10 +281,11 @@ class PairedViews:
             if out is not None:
                 raise ValueError("render(out=...) writes worker-geometry fields only")
             fields.update(self._device_fields(image, masks, chosen, (box1, box2), core_box, region))
-            if config.sector_angle_p > 0:
-                fields["sector"] = (draws.sector[sample] if draws.sector is not None else np.ones(2)).astype(np.float32)
-                fields["apex"] = np.nan_to_num(draws.apex[sample] if draws.apex is not None else np.zeros(2)).astype(np.float32)
-                if (fields["sector"] != 1).any():
+            if config.sector_angle_p > 0 or config.convexity_p > 0:
+                fields["sector"] = draws.sector[sample].astype(np.float32)
+                fields["convexity"] = draws.convexity[sample].astype(np.float32)
+                fields["apex"] = np.nan_to_num(draws.apex[sample]).astype(np.float32)
+                if (fields["sector"] != 1).any() or (fields["convexity"] != 1).any():
                     # the warp reads outside the crops: ship the whole image (the canvas starts at 0, 0)
                     fields.update(self._device_fields(image, masks, chosen, (CropBox(0, 0, *image.shape),) * 2,
                                                       core_box, region))
@@ -384,12 +394,12 @@ def _packed_core_region(region: np.ndarray | None, core_box: CropBox | None, siz
     return np.packbits(cut.reshape(-1), bitorder="big").reshape(size, packed_width)
 
 
-def _sector_warped(image: np.ndarray, masks: np.ndarray | MaskLayers, apex: tuple[float, float],
-                   factor: float) -> tuple[np.ndarray, np.ndarray | MaskLayers]:
-    """The image and masks after a view's sector-angle change (``probe_geometry``): the image
-    bilinearly, the masks nearest-exact at the same source points."""
+def _sector_warped(image: np.ndarray, masks: np.ndarray | MaskLayers, apex: tuple[float, float, float],
+                   factor: float, convexity: float) -> tuple[np.ndarray, np.ndarray | MaskLayers]:
+    """The image and masks after a view's sector-angle / convexity change (``probe_geometry``):
+    the image bilinearly, the masks nearest-exact at the same source points."""
     if isinstance(masks, MaskLayers):
-        warped, layers, _ = sector_warp_numpy(image, masks.layers, None, apex, factor)
+        warped, layers, _ = sector_warp_numpy(image, masks.layers, None, apex, factor, convexity)
         return warped, MaskLayers(layers, masks.layer_of_mask)
-    warped, layers, _ = sector_warp_numpy(image, masks.view(np.uint8), None, apex, factor)
+    warped, layers, _ = sector_warp_numpy(image, masks.view(np.uint8), None, apex, factor, convexity)
     return warped, layers.astype(bool)
