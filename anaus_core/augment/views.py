@@ -41,6 +41,9 @@ un-augmented image and the label layers of the sampled masks instead of the warp
     mask_value          int64 (K,)              label of each slot in that layer, 0 = empty slot
     core_box            float32 (4,)            the overlap box (zeros when core_valid is False)
     region              uint8 (1, h, w)         only with a scan region: the region, same cut
+    sector, convexity   float32 (2,)            only with sector_angle_p or convexity_p > 0: each
+                                                view's factors (1 = none; probe_geometry)
+    apex                float32 (3,)            with them: fan apex (row, column, face radius)
     view_size           int64 ()                S
     mask_ids, core_valid, crop1, crop2, flip1, flip2   as above
 """
