@@ -224,3 +224,28 @@ def test_probe_geometry_settings_are_config_fields():
     for bad in ({"views.depth_crop_min": "0"}, {"views.sector_angle_range": [1.2, 0.8]}, {"views.sector_angle_p": "2"}):
         with pytest.raises((ConfigError, ValueError)):
             load_config(PretrainConfig, overrides=bad)
+
+
+@pytest.mark.parametrize("geometry", ["worker", "device"])
+def test_pretrain_step_on_a_store_with_regions_and_every_geometry_change(tmp_path, geometry):
+    """End to end through the shard store, the loader, the method's prepare_batch and the loss:
+    a store with scan regions, the ultrasound policy and all three probe-geometry changes on."""
+    from anaus_core.maskset import MaskSet
+    from anaus_core.train.trainer import build_model, make_generator
+    from shards.sample import ShardSample
+    from shards.writer import ShardWriter
+    from tests.test_pretrain import data_source, tiny_config
+
+    with ShardWriter(tmp_path / "store", samples_per_shard=8) as writer:
+        for i, (image, masks, ids, _, region) in enumerate(_fan_samples(8)):
+            mask_set = MaskSet(masks=masks, ids=list(ids), sources=["x"] * len(ids), scores=[1.0] * len(ids))
+            writer.write(ShardSample.build(key=f"k{i}", image=image, mask_set=mask_set, scan_region=region))
+    config = tiny_config(tmp_path / "store", **{"views.geometry": geometry, "augment.policy": "ultrasound",
+                                                 **{f"views.{k}": v for k, v in GEOMETRY.items()}})
+    method = build_model(config).train()
+    batch = next(iter(data_source(config).loader(epoch=0, skip_batches=0, batch_size=4, rank=0, world_size=1)))
+    prepared = method.prepare_batch(batch, device=torch.device("cpu"), generator=make_generator(torch.device("cpu"), 0))
+    assert prepared["core_region"].shape == (4, 1, 32, 32)
+    out = method(prepared, generator=make_generator(torch.device("cpu"), 1))
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_ctx"])
+    out["loss"].backward()
