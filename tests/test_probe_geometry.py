@@ -249,3 +249,15 @@ def test_pretrain_step_on_a_store_with_regions_and_every_geometry_change(tmp_pat
     out = method(prepared, generator=make_generator(torch.device("cpu"), 1))
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_ctx"])
     out["loss"].backward()
+
+
+def test_a_window_of_the_warp_is_that_window_of_the_whole_warp():
+    region, masks, label = _label_fan(64, 72, seed=2)
+    image = (30 * label).astype(np.uint8)
+    apex = estimate_fan_apex(region)
+    apex = apex + (face_radius(region, apex),)
+    whole = sector_warp_numpy(image, label[None].astype(np.uint8), region, apex, 1.2, 0.8)
+    part = sector_warp_numpy(image, label[None].astype(np.uint8), region, apex, 1.2, 0.8, window=(5, 9, 40, 50))
+    np.testing.assert_array_equal(part[0], whole[0][5:45, 9:59])
+    np.testing.assert_array_equal(part[1], whole[1][:, 5:45, 9:59])
+    np.testing.assert_array_equal(part[2], whole[2][5:45, 9:59])

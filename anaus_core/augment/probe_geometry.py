@@ -74,7 +74,8 @@ def estimate_fan_apex(region: np.ndarray, *, min_opening: float = 0.2) -> tuple[
 
 
 def source_points(height: int, width: int, apex: torch.Tensor, factor: torch.Tensor,
-                  convexity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  convexity: torch.Tensor | None = None, *,
+                  window: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each output pixel of the sector-angle / convexity change reads, for a batch.
 
     Args:
@@ -94,6 +95,8 @@ def source_points(height: int, width: int, apex: torch.Tensor, factor: torch.Ten
         ``R + t`` and angle ``s / (R a)`` — for ``c = 1`` radius ``r'`` and angle ``θ' / a``,
         a pure sector-angle change; ``c > 1`` flattens a curvilinear probe, ``c < 1`` curves it
         more. Points above the apex side of the face (``R + t < 0``) read outside the image.
+        ``window`` (top, left, h, w): only the output pixels of that box, (N, h, w) (a view's
+        crop reads nothing else).
     """
     device = apex.device
     apex = apex.to(torch.float64)
@@ -101,15 +104,14 @@ def source_points(height: int, width: int, apex: torch.Tensor, factor: torch.Ten
     face = apex[:, 2] if apex.shape[1] > 2 else torch.zeros_like(apex[:, 0])
     scale = torch.ones_like(face) if convexity is None else convexity.to(device=device, dtype=torch.float64)
     out_apex_row = apex[:, 0] + (1.0 - scale) * face
-    ys = torch.arange(height, device=device, dtype=torch.float64)[None, :, None] + 0.5 - out_apex_row[:, None, None]
-    xs = torch.arange(width, device=device, dtype=torch.float64)[None, None, :] + 0.5 - apex[:, 1, None, None]
+    top, left, height, width = window if window is not None else (0, 0, height, width)
+    ys = torch.arange(top, top + height, device=device, dtype=torch.float64)[None, :, None] + 0.5 - out_apex_row[:, None, None]
+    xs = torch.arange(left, left + width, device=device, dtype=torch.float64)[None, None, :] + 0.5 - apex[:, 1, None, None]
     out_face = (scale * face)[:, None, None]
-    depth = torch.hypot(ys, xs) - out_face
-    arc = torch.atan2(xs, ys) * out_face
-    radius = face[:, None, None] + depth
-    # arc / R a = θ' c / a; written so that R = 0 (a phased array, no convexity) stays finite
+    # depth t = r' - cR kept, so the source radius is R + t; arc s = cR θ' kept, so the source
+    # angle is s / (R a) = θ' c / a (also for R = 0, where no convexity change is drawn)
+    radius = torch.hypot(ys, xs) - out_face + face[:, None, None]
     angle = torch.atan2(xs, ys) * (scale / factor)[:, None, None]
-    angle = torch.where(face[:, None, None] > 0, arc / (face[:, None, None] * factor[:, None, None]).clamp_min(1e-12), angle)
     rows = apex[:, 0, None, None] + radius * torch.cos(angle)
     cols = apex[:, 1, None, None] + radius * torch.sin(angle)
     behind = radius < 0
@@ -126,33 +128,35 @@ def face_radius(region: np.ndarray, apex: tuple[float, float]) -> float:
 
 def warp_images(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Bilinear resampling of float (N, C, H, W) images at the continuous source points
-    (N, H, W); zero outside the image (the black frame)."""
+    (N, h, w) -> (N, C, h, w); zero outside the image (the black frame)."""
     height, width = images.shape[-2:]
     grid = torch.stack([2.0 * cols / width - 1.0, 2.0 * rows / height - 1.0], dim=-1).to(images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def warp_labels(labels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Nearest-exact resampling of integer (N, L, H, W) label layers (or {0, 1} regions): each
-    output pixel takes the label of the source pixel that contains its source point; 0 outside."""
+    """Nearest-exact resampling of integer (N, L, H, W) label layers (or {0, 1} regions) at the
+    source points (N, h, w): each output pixel takes the label of the source pixel that contains
+    its source point; 0 outside. Returns (N, L, h, w)."""
     count, layers, height, width = labels.shape
     row = torch.floor(rows).to(torch.int64)
     col = torch.floor(cols).to(torch.int64)
     inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
     flat = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).reshape(count, 1, -1).expand(count, layers, -1)
-    gathered = torch.gather(labels.reshape(count, layers, -1), 2, flat).reshape(count, layers, height, width)
+    gathered = torch.gather(labels.reshape(count, layers, -1), 2, flat).reshape(count, layers, *rows.shape[-2:])
     return gathered * inside[:, None].to(gathered.dtype)
 
 
 def sector_warp_numpy(image: np.ndarray, layers: np.ndarray | None, region: np.ndarray | None,
-                      apex: tuple[float, ...], factor: float,
-                      convexity: float = 1.0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+                      apex: tuple[float, ...], factor: float, convexity: float = 1.0, *,
+                      window: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The worker path's sector-angle / convexity change of one sample: uint8 image (H, W)
     (rounded back to uint8), label layers (L, H, W) and region (H, W) warped with
-    ``source_points``; ``apex`` (row, column[, face radius])."""
+    ``source_points``; ``apex`` (row, column[, face radius]). ``window``: only that box of the
+    output (top, left, h, w); the results are then (h, w)."""
     height, width = image.shape
     rows, cols = source_points(height, width, torch.tensor([apex], dtype=torch.float64),
-                               torch.tensor([float(factor)]), torch.tensor([float(convexity)]))
+                               torch.tensor([float(factor)]), torch.tensor([float(convexity)]), window=window)
     pixels = torch.from_numpy(np.ascontiguousarray(image, np.uint8)).to(torch.float32)[None, None]
     warped = warp_images(pixels, rows, cols).round_().clamp_(0, 255).to(torch.uint8)[0, 0].numpy()
     out_layers = out_region = None

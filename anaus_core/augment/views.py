@@ -315,8 +315,11 @@ class PairedViews:
             packed_out, valid_out = row[f"masks{which}"], row[f"mask_valid{which}"]
             view_image, view_masks = image, masks
             sector = draws.sector_warp(sample, which - 1)
-            if sector is not None:  # the sector-angle change, before the crop (probe_geometry)
-                view_image, view_masks = _sector_warped(image, masks, *sector)
+            if sector is not None:
+                # the sector-angle / convexity change before the crop (probe_geometry), computed
+                # only inside the crop box (the crop reads nothing else), which then starts at 0, 0
+                view_image, view_masks = _sector_warped(image, masks, *sector, window=box)
+                box = CropBox(0, 0, box.height, box.width)
             if chosen.size:
                 unique, slot_to_unique = np.unique(chosen, return_inverse=True)
                 warped = self._warp_selected(view_masks, unique, box, flip)
@@ -398,11 +401,12 @@ def _packed_core_region(region: np.ndarray | None, core_box: CropBox | None, siz
 
 
 def _sector_warped(image: np.ndarray, masks: np.ndarray | MaskLayers, apex: tuple[float, float, float],
-                   factor: float, convexity: float) -> tuple[np.ndarray, np.ndarray | MaskLayers]:
-    """The image and masks after a view's sector-angle / convexity change (``probe_geometry``):
-    the image bilinearly, the masks nearest-exact at the same source points."""
+                   factor: float, convexity: float, *, window: CropBox) -> tuple[np.ndarray, np.ndarray | MaskLayers]:
+    """The ``window`` of the image and masks after a view's sector-angle / convexity change
+    (``probe_geometry``): the image bilinearly, the masks nearest-exact at the same source points."""
+    box = (window.top, window.left, window.height, window.width)
     if isinstance(masks, MaskLayers):
-        warped, layers, _ = sector_warp_numpy(image, masks.layers, None, apex, factor, convexity)
+        warped, layers, _ = sector_warp_numpy(image, masks.layers, None, apex, factor, convexity, window=box)
         return warped, MaskLayers(layers, masks.layer_of_mask)
-    warped, layers, _ = sector_warp_numpy(image, masks.view(np.uint8), None, apex, factor, convexity)
+    warped, layers, _ = sector_warp_numpy(image, masks.view(np.uint8), None, apex, factor, convexity, window=box)
     return warped, layers.astype(bool)
