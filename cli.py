@@ -453,6 +453,7 @@ def pretrain_command(
     accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", help="Micro-batches per optimiser step (gradient accumulation)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (never on CPU)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format on CUDA."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="torch.compile of the networks: auto (on CUDA only, default), on, off."),
     sync_batchnorm: Optional[bool] = typer.Option(None, "--sync-batchnorm/--no-sync-batchnorm", help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the weights, the data order and every augmentation."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Optimiser steps between metrics.jsonl lines."),
@@ -469,7 +470,7 @@ def pretrain_command(
         "data.batch_size": batch_size, "data.num_workers": num_workers, "views.size": crop_size,
         "views.num_mask_samples": masks_per_image, "optim.base_lr": lr, "optim.warmup_epochs": warmup_epochs,
         "optim.accumulation_steps": accumulation_steps, "run.steps": steps, "run.epochs": epochs,
-        "run.device": device, "run.amp": amp, "run.channels_last": channels_last,
+        "run.device": device, "run.amp": amp, "run.channels_last": channels_last, "run.compile": compile_mode,
         "model.sync_batchnorm": sync_batchnorm, "run.seed": seed, "run.log_every": log_every,
         "run.checkpoint_every": checkpoint_every, "run.progress": progress,
     }
