@@ -193,3 +193,19 @@ def test_region_from_a_store_reaches_the_loader_batch(tmp_path):
         prepared = prepare_batch(batch, device="cpu", generator=torch.Generator().manual_seed(0))
         assert prepared["core_region"].shape == (4, 1, 32, 32)
         assert not bool(prepared["core_region"][prepared["core_valid"]].all())  # the fan's black corners are cut
+
+
+def test_per_sample_views_with_a_region_collate_to_the_same_core_region_on_both_paths():
+    from anaus_core.augment.collate import collate_views
+
+    samples = _fan_samples(4)
+    prepared = {}
+    for geometry in ("worker", "device"):
+        views = PairedViews(ViewConfig(size=32, num_mask_samples=4, geometry=geometry, sampling_area="exact",
+                                       core_min_region=0.0))
+        rows = [views(image, masks, ids, rng=np.random.default_rng(i), region=region if i != 2 else None)
+                for i, (image, masks, ids, _, region) in enumerate(samples)]
+        prepared[geometry] = prepare_batch(collate_views(rows), device="cpu", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prepared["worker"]["core_region"], prepared["device"]["core_region"], rtol=0, atol=0)
+    valid = prepared["worker"]["core_valid"]
+    assert bool(prepared["worker"]["core_region"][2].all()) == bool(valid[2])     # no region: the whole core counts
