@@ -3,7 +3,9 @@
 Runs on the CPU (DataLoader workers); the random draws are made for a whole batch at once
 (``anaus_core.augment.draws``; ``PairedViews.__call__`` is the batch of one, the loader uses
 ``anaus_core.augment.batch``) and the warps per sample. Only geometry happens here — random resized crop
-(scale 0.2–1.0, ratio 3/4–4/3, BYOL/paper A.1) and horizontal flip; the photometric part of the
+(scale 0.2–1.0, ratio 3/4–4/3, BYOL/paper A.1) and horizontal flip, plus the optional
+probe-geometry changes (depth crop, sector angle, convexity: ``anaus_core.augment.probe_geometry``,
+off by default); the photometric part of the
 BYOL recipe is batched on the training device (``anaus_core.augment.device``), where it is
 ~20–50× cheaper than torchvision's per-image CPU ops (SPEC §9).
 
