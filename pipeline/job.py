@@ -389,8 +389,8 @@ def run_precompute(config: PrecomputeConfig, *, client=None, console=None, show_
     out_dir = Path(config.out)
     show = config.progress if show_report is None else show_report
     lock = OutputLock(out_dir)
-    if config.dry_run and not out_dir.exists():
-        lock = None  # nothing to protect and nothing to create
+    if config.dry_run and (not out_dir.exists() or not os.access(out_dir, os.W_OK)):
+        lock = None  # nothing to protect, nothing to create (a read-only output can be planned)
     if lock is not None:
         lock.acquire()
     try:
