@@ -175,6 +175,9 @@ def masker_fingerprint_of(config: PrecomputeConfig) -> dict:
     return build_job_masker(config)[0].fingerprint()
 
 
+MAX_STORED_SIZE = 4096  # --stored-size bound: a stored image's short side (memory per sample grows with its square)
+
+
 def _check_config(config: PrecomputeConfig) -> None:
     if not config.corpus:
         raise UserInputError("precompute-masks: no corpus given")
@@ -189,8 +192,8 @@ def _check_config(config: PrecomputeConfig) -> None:
             raise UserInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(config, name)}")
     if config.workers < 0:
         raise UserInputError(f"--workers: must be >= 0, got {config.workers}")
-    if config.stored_size is not None and config.stored_size < 1:
-        raise UserInputError(f"--stored-size: must be >= 1, got {config.stored_size}")
+    if config.stored_size is not None and not 1 <= config.stored_size <= MAX_STORED_SIZE:
+        raise UserInputError(f"--stored-size: must be in 1..{MAX_STORED_SIZE} pixels, got {config.stored_size}")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{out}: --out exists and is not a directory")

@@ -66,7 +66,7 @@ _PLAN_SALT = 0x5EED_A7A5  # separates the shuffle streams from the per-sample au
 _AUGMENT_SALT = 0xA06_BA7C  # separates the per-batch augmentation streams from both
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(UserInputError):
     """A shard could not be read, or held a different number of samples than the plan expects."""
 
 

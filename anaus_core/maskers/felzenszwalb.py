@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from anaus_core.maskers._segments import masks_from_segments
+from anaus_core.maskers._segments import masks_from_segments, segment_at_bounded_resolution
 from anaus_core.maskers.base import ImageMeta
 from anaus_core.maskset import MaskSet
 
@@ -71,4 +71,4 @@ class FelzenszwalbMasker:
         return felzenszwalb(image.astype(np.float64) / 255.0, scale=self.scale, sigma=self.sigma, min_size=self.min_size, channel_axis=None)
 
     def __call__(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta]) -> list[MaskSet]:
-        return [masks_from_segments(self.segment(image), source=self.name, min_segment_area=self.min_segment_area) for image in images]
+        return [masks_from_segments(segment_at_bounded_resolution(self.segment, image), source=self.name, min_segment_area=self.min_segment_area) for image in images]

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.cluster.vq import kmeans2, vq
 
-from anaus_core.maskers._segments import masks_from_segments
+from anaus_core.maskers._segments import masks_from_segments, segment_at_bounded_resolution
 from anaus_core.maskers.base import ImageMeta
 from anaus_core.maskset import MaskSet
 
@@ -137,4 +137,4 @@ class KMeansMasker:
         return segments
 
     def __call__(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta]) -> list[MaskSet]:
-        return [masks_from_segments(self.segment(image), source=self.name, min_segment_area=self.min_segment_area) for image in images]
+        return [masks_from_segments(segment_at_bounded_resolution(self.segment, image), source=self.name, min_segment_area=self.min_segment_area) for image in images]

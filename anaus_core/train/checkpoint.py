@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from anaus_core.errors import UserInputError
+from anaus_core.safe_load import describe_load_error
 
 CHECKPOINT_FORMAT = "anaus-pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -142,7 +143,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise UserInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise UserInputError(f"{path}: not a readable checkpoint ({describe_load_error(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(f"{path}: not an AnaUS pre-training checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
     if int(payload.get("version", 0)) > CHECKPOINT_VERSION:
