@@ -47,3 +47,7 @@ class PrecomputeConfig:
     dry_run: bool = False
     gc: bool = False
     progress: bool = True
+    # -- guards of an existing output (pipeline/output_guard.py) -------------------------------
+    allow_shrink: bool = False  # let a run remove more than max_shrink of the store's samples
+    max_shrink: float = 0.5  # largest fraction of samples a run may remove without allow_shrink
+    allow_masker_change: bool = False  # let a run rebuild a store made with another masker

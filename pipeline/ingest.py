@@ -48,6 +48,7 @@ MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS | VIDEO_EXTENSIONS
 # Files whose header claims more than this are rejected before any pixel is decoded.
 MAX_SIDE = 16384
 MAX_PIXELS = 100_000_000
+LABELS_MARKER = ".anaus-labels"  # a file in a folder of label images: ingest does not take them as images
 MIN_SIDE = 8  # smaller images carry no structure to segment (a 1x1 image would be trained on as flat noise)
 MAX_STORED_PIXELS = 16 * 1024 * 1024  # the stored (resized) image: bounds what maskers and shards hold per sample
 
@@ -280,7 +281,9 @@ def _walk_folder(root: str) -> Iterator[tuple[str, str]]:
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # a folder that declares itself a label folder (LABELS_MARKER, e.g. a phantom corpus's
+        # label/) holds masks, not images: not ingested when its parent is the corpus
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not os.path.exists(os.path.join(dirpath, d, LABELS_MARKER)))
         for filename in sorted(filenames):
             if filename.startswith("."):
                 continue

@@ -35,6 +35,7 @@ from pipeline.executors import make_executor
 from pipeline.faults import fault_point
 from pipeline.fingerprint import (
     StatCache,
+    change_stamp_ns,
     canonical_json,
     ingest_fingerprint,
     mask_fingerprint,
@@ -46,6 +47,7 @@ from pipeline.fingerprint import (
 )
 from pipeline.ingest import make_key
 from pipeline.lock import OutputLock
+from pipeline.output_guard import check_masker, check_sample_count
 from pipeline.report import EXIT_OK, EXIT_SKIPPED, EXIT_STRICT_FAILURE, PrecomputeReport, StageProgress, render_report, write_errors
 from pipeline.stages import (
     ErrorRecord,
@@ -190,6 +192,8 @@ def _check_config(config: PrecomputeConfig) -> None:
     for name in ("samples_per_shard", "batch_size", "every_nth_frame", "max_masks"):
         if int(getattr(config, name)) < 1:
             raise UserInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(config, name)}")
+    if not 0.0 <= float(config.max_shrink) <= 1.0:
+        raise UserInputError(f"--max-shrink: must be a fraction in [0, 1], got {config.max_shrink}")
     if config.workers < 0:
         raise UserInputError(f"--workers: must be >= 0, got {config.workers}")
     if config.stored_size is not None and not 1 <= config.stored_size <= MAX_STORED_SIZE:
@@ -289,7 +293,7 @@ class PlanMemo:
                 stat = os.stat(path)
             except OSError:
                 stat = None
-            if stat is not None and (stat.st_size, stat.st_mtime_ns, stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
+            if stat is not None and (stat.st_size, change_stamp_ns(stat), stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
                 self._write("UPDATE inputs SET run = ? WHERE memo_key = ?", (self.run_id, memo_key))
                 return inputs
         made_ns = time.time_ns()
@@ -297,7 +301,7 @@ class PlanMemo:
         inputs = canonical_json(raw) if raw else "{}"
         path = os.fspath(locate(meta))
         stat = os.stat(path)
-        self._write("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (memo_key, path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs, self.run_id))
+        self._write("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (memo_key, path, stat.st_size, change_stamp_ns(stat), stat.st_ino, made_ns, inputs, self.run_id))
         return inputs
 
     def save(self) -> None:
@@ -425,6 +429,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
 
     masker, masker_options = build_job_masker(config)
     masker_fp = masker.fingerprint()
+    check_masker(out_dir, str(masker_fp.get("name", config.masker)), allow_change=config.allow_masker_change)
     spec = MaskerSpec(name=config.masker, options_json=canonical_json(masker_options), fingerprint_json=canonical_json(masker_fp))
     ingest_options = ingest_options_of(stored_size=config.stored_size, every_nth_frame=config.every_nth_frame)
     finalize_options = {"min_area": config.min_area, "max_masks": config.max_masks, "add_residual": config.add_residual}
@@ -471,6 +476,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     for source_path, relpath in sources:
         if not tables.first_sighting(relpath):
             continue  # a list file naming a file twice
+        counts["sources"] = counts.get("sources", 0) + 1
         report.sources += 1
         path = os.path.abspath(source_path)
         try:
@@ -502,6 +508,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     report.source_hash_seconds = time.perf_counter() - hash_start
     report.sources_hashed = stat_cache.hashed
     report.plan_seconds = time.perf_counter() - plan_start
+    if not counts.get("sources"):
+        check_sample_count(out_dir, 0, skipped=0, corpus=config.corpus, allow_shrink=True, max_shrink=config.max_shrink)
 
     if config.dry_run:
         _dry_run_plan(report, counts, tables, errors, config, cache, out_dir)
@@ -559,6 +567,10 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
         if config.strict and report.errors:
             report.exit_code = EXIT_STRICT_FAILURE
         else:
+            # before the commit point: an empty or much smaller corpus (wrong or unmounted folder)
+            # must not replace the published shards (pipeline/output_guard.py)
+            check_sample_count(out_dir, report.samples, skipped=len(report.errors), corpus=config.corpus,
+                               allow_shrink=config.allow_shrink, max_shrink=config.max_shrink)
             try:
                 shard_fps = _pack_and_index(report, tables, settings, config, cache, out_dir, masker_fp, executor, client, progress)
             finally:

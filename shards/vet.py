@@ -116,3 +116,21 @@ def open_vetted_shards(source: str | os.PathLike | Sequence[str], *, policy: Sha
     warn(f"warning: --skip-bad-shards: skipped {len(problems)} of {total} shards "
          f"({kept.num_samples} samples left; first: {problems[0]})")
     return kept
+
+
+def first_image_size(source: ShardSource) -> int | None:
+    """Short side in pixels of the first stored image of ``source`` (from its PNG header, nothing
+    decoded), or None when it cannot be told cheaply (non-local shards, unreadable first sample)."""
+    from anaus_core.image_limits import png_declared_size
+    from shards.stream import ShardReadError, read_shard
+
+    if not source.urls or url_kind(source.urls[0]) != "local":
+        return None
+    try:
+        for raw in read_shard(source.urls[0]):
+            png = raw.get("png")
+            declared = png_declared_size(bytes(png)) if png is not None else None
+            return min(declared) if declared else None
+    except (ShardReadError, OSError):
+        return None
+    return None

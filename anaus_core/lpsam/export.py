@@ -56,7 +56,7 @@ def predict_files(predictor: LPSAMPredictor, files: Sequence[Path], out_dir: str
     """Predict every file and write ``<name>.npz`` (masks bool (M, H, W), ids, scores, sources)
     and ``<name>.json`` (source path + mask records) per image, ``<name>_overlay.png`` with
     ``png``, and ``predictions.json`` listing them all. Returns the list."""
-    from rich.progress import Progress
+    from anaus_core.progress import make_progress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def predict_files(predictor: LPSAMPredictor, files: Sequence[Path], out_dir: str
     summary: list[dict] = []
     skipped: list[dict] = []
     in_chans = predictor.model.in_chans
-    with Progress(disable=not progress, transient=True) as bar:
+    with make_progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("lpsam predict", total=len(files))
         for start in range(0, len(files), predictor.batch_size):
             images, chunk_ok = [], []

@@ -60,6 +60,7 @@ class RunConfig:
     log_every: int = 10              # optimiser steps between metrics.jsonl lines
     checkpoint_every: int = 1000     # optimiser steps between checkpoints (0 = only at the end)
     keep_step_checkpoints: bool = True   # keep step-XXXXXX.pt files beside last.pt
+    keep_last_checkpoints: Optional[int] = None  # keep only the newest N step files (None: all)
     progress: bool = True            # rich progress bar with images/s and ETA
     tensorboard: bool = True         # event files in RUN/tensorboard when tensorboard is installed
     deterministic: bool = False      # torch.use_deterministic_algorithms (slower on CUDA)
@@ -107,6 +108,10 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         raise ConfigError(str(exc) if str(exc).startswith("model") else f"model.{exc}") from None
     if run.log_every < 1:
         raise ConfigError(f"run.log_every: must be >= 1, got {run.log_every}")
+    if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
+        raise ConfigError(f"run.keep_last_checkpoints: must be >= 1 (or unset to keep all), got {run.keep_last_checkpoints}")
+    if not optim.base_lr > 0:
+        raise ConfigError(f"optim.base_lr: must be > 0, got {optim.base_lr}")
     if run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every: must be >= 0, got {run.checkpoint_every}")
     if not 0 <= optim.ema_base <= 1:

@@ -494,7 +494,8 @@ def _save(model, optimizer, config, schedule, step, epoch, batches_done, run_dir
     path = None
     if context.is_main:
         payload = checkpoint_payload(model, optimizer, config, schedule, step, epoch, batches_done, context.world_size)
-        path = save_checkpoint(payload, run_dir / CHECKPOINT_DIRNAME, step=step, keep_step_file=keep_step_file)
+        path = save_checkpoint(payload, run_dir / CHECKPOINT_DIRNAME, step=step, keep_step_file=keep_step_file,
+                               keep_last=config.run.keep_last_checkpoints)
     barrier(context)
     return path
 
@@ -557,7 +558,9 @@ class _Progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self._progress = Progress(
+        from anaus_core.progress import make_progress
+
+        self._progress = make_progress(
             TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:>8} img/s"), TextColumn("wait {task.fields[wait]}"),
             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
