@@ -27,7 +27,7 @@ import numpy as np
 
 from anaus_core.errors import UserInputError
 from anaus_core.shard_urls import ShardUrlPolicy, url_kind
-from shards.stream import ShardSource, _sample_key, resolve_shards
+from shards.source import ShardSource, _sample_key, resolve_shards
 
 
 class BadShardsError(UserInputError):
