@@ -282,6 +282,9 @@ def precompute_masks_command(
     from anaus_core.machine import check_device
 
     check_device(settings.device, allowed=("cpu", "cuda"))
+    if str(settings.masker) == "lpsam" and not settings.sam_checkpoint:
+        # an LP-SAM checkpoint made on a random base SAM would otherwise run on a new, unseeded one
+        raise UserInputError("--sam-checkpoint: required with --masker lpsam (the base SAM the LP-SAM checkpoint was trained on)")
     extra = _parse_masker_options(masker_option)
     if extra:
         settings.masker_options = {**settings.masker_options, **extra}
@@ -470,11 +473,11 @@ def lpsam_predict_command(
     require_sam_checkpoint(sam_checkpoint, random_sam=random_sam)
     check_device(device)
     files = collect_images(images)
-    torch.manual_seed(seed)  # only a --random-sam base SAM draws from it: the same command, the same masks
-    model, _ = load_lpsam(checkpoint, sam_checkpoint=sam_checkpoint)
-    options = PredictorOptions(threshold=threshold, min_area=min_area, amg=amg, amg_points_per_side=amg_points_per_side)
-    predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, options=options)
     with claim_output(out, command="lpsam predict"):
+        torch.manual_seed(seed)  # only a --random-sam base SAM draws from it: the same command, the same masks
+        model, _ = load_lpsam(checkpoint, sam_checkpoint=sam_checkpoint)
+        options = PredictorOptions(threshold=threshold, min_area=min_area, amg=amg, amg_points_per_side=amg_points_per_side)
+        predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, options=options)
         summary = predict_files(predictor, files, out, png=png, max_masks=max_masks, progress=progress)
     typer.echo(f"{len(summary)} images, {sum(len(r['masks']) for r in summary)} masks -> {out}")
 

@@ -360,3 +360,70 @@ def test_garbage_checkpoint_gives_no_weights_only_advice(tmp_path):
 
 class Evil:
     """A class a weights-only load must refuse."""
+
+
+# ------------------------------------------------------------------------------------------
+# a user's first hour: progress off a terminal, defaults that fit the machine and the data
+# ------------------------------------------------------------------------------------------
+
+
+def test_progress_is_a_line_per_interval_when_not_a_terminal():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from anaus_core.progress import LineProgress, make_progress
+
+    buffer = io.StringIO()
+    progress = make_progress(console=Console(file=buffer, force_terminal=False, width=200), interval=0.0)
+    assert isinstance(progress, LineProgress)
+    with progress:
+        task = progress.add_task("pretrain", total=4, loss="-")
+        for step in range(4):
+            progress.update(task, completed=step + 1, loss=f"{1.0 / (step + 1):.3f}")
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].startswith("pretrain: 1/4 (25%)") and "loss=1.000" in lines[0]
+    assert lines[-1].startswith("pretrain: 4/4 (100%)") and len(lines) == 5  # one per update + the final line
+    terminal = make_progress(console=Console(file=io.StringIO(), force_terminal=True))
+    assert type(terminal) is Progress
+
+
+def test_defaults_fit_the_machine_and_the_corpus():
+    from anaus_core.machine import fit_pretrain_to_machine
+    from anaus_core.train import PretrainConfig
+
+    config, notes = fit_pretrain_to_machine(PretrainConfig(), corpus_samples=12, stored_size=48, cpu_count=2)
+    assert config.data.num_workers == 2 and config.data.batch_size == 12
+    assert len(notes) == 3 and "num_workers 4 > 2" in notes[0] and "--batch-size 192 exceeds the 12" in notes[1]
+    assert "--crop-size 224 is larger than the stored images (48 px)" in notes[2]
+    same, none = fit_pretrain_to_machine(PretrainConfig(), corpus_samples=10_000, stored_size=256, cpu_count=64)
+    assert same == PretrainConfig() and none == []
+    with pytest.raises(UserInputError, match="fewer than world size"):
+        fit_pretrain_to_machine(PretrainConfig(), corpus_samples=1, stored_size=48, cpu_count=2, world_size=2)
+
+
+def test_lpsam_predict_skips_a_corrupt_image(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from anaus_core.lpsam.export import predict_files
+    from anaus_core.maskset import MaskSet
+
+    class Predictor:  # stands in for LPSAMPredictor: an empty mask set per image
+        model = SimpleNamespace(in_chans=1)
+        batch_size = 4
+
+        def predict(self, images, *, finalize, max_masks):
+            return [MaskSet.empty(*image.shape[:2]) for image in images]
+
+    good = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(good)
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    summary = predict_files(Predictor(), [good, bad], tmp_path / "out", progress=False)
+    assert [r["image"] for r in summary] == [str(good)]
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
+    assert skipped[0]["image"] == str(bad) and "cannot be decoded" in skipped[0]["error"]
+    with pytest.raises(UserInputError, match="no readable image"):
+        predict_files(Predictor(), [bad], tmp_path / "out2", progress=False)

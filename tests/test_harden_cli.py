@@ -26,9 +26,13 @@ from cli import app
 def world(tmp_path_factory) -> Path:
     """Things a user already has: a corpus, a shard store made by precompute-masks, a run folder,
     a phantom corpus, broken stores, a plain file and a garbage checkpoint."""
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def make_world(root: Path) -> Path:
+    """The fixture's folder (also used by the matrix in docs/reliability.md)."""
     from anaus_core.phantoms import make_phantom_corpus
 
-    root = tmp_path_factory.mktemp("world")
     corpus = root / "corpus"
     corpus.mkdir()
     rng = np.random.default_rng(0)
@@ -114,7 +118,8 @@ BAD_INPUTS = [
     ("predict-threshold", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--out", "{w}/run", "--threshold", "5"], "--threshold"),
     ("predict-no-sam", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--out", "{w}/run"], "--sam-checkpoint"),
     ("predict-garbage", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--random-sam", "--out", "{w}/run"], "garbage.pt"),
-    ("predict-out-is-file", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--random-sam", "--out", "{w}/file.txt"], "garbage.pt"),
+    ("predict-out-is-file", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--random-sam", "--out", "{w}/file.txt"], "file.txt"),
+    ("precompute-lpsam-no-sam", ["precompute-masks", "{w}/corpus", "--out", "{w}/lp_out", "--masker", "lpsam", "--checkpoint", "{w}/garbage.pt", "--no-progress"], "--sam-checkpoint"),
     # demo
     ("demo-steps", ["demo", "{w}/demo", "--pretrain-steps", "-1"], "--pretrain-steps"),
     ("demo-out-is-file", ["demo", "{w}/file.txt"], "file.txt"),

@@ -180,7 +180,7 @@ def stage2_logits(model: LPSAM, batch: dict[str, torch.Tensor]):
 
 # -- the shared loop ---------------------------------------------------------------------------------
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from anaus_core.progress import make_progress
 

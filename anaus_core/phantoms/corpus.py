@@ -69,7 +69,7 @@ def make_phantom_corpus(out_dir, *, count: int, size: int, seed: int, progress: 
 
     ids = [phantom_id(index) for index in range(count)]
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         columns = (TextColumn("phantoms"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         from anaus_core.progress import make_progress
