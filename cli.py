@@ -139,7 +139,7 @@ def make_phantoms_command(
     from anaus_core.outputs import claim_output
     from anaus_core.phantoms import make_phantom_corpus
 
-    with claim_output(out, command="make-phantoms"):
+    with claim_output(out, command="make-phantoms", option="OUT"):
         ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
     typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
 
@@ -638,7 +638,7 @@ def export_encoder_command(
 
     if not checkpoint.is_file():
         raise UserInputError(f"{checkpoint}: checkpoint not found")
-    with claim_output(out, command="export-encoder"):
+    with claim_output(out, command="export-encoder", option="OUT"):
         encoder_path, fpn_path = export_encoder_from_checkpoint(checkpoint, out)
     typer.echo(f"export-encoder: {encoder_path} (load into torchvision.models.resnet18() with strict=False, only fc.* missing), {fpn_path}")
 

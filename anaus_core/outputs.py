@@ -43,14 +43,15 @@ class OutputLock:
     ``command`` names the kind of run in the message a second writer gets.
     """
 
-    def __init__(self, out_dir: str | Path, *, command: str = "anaus") -> None:
+    def __init__(self, out_dir: str | Path, *, command: str = "anaus", option: str = "--out") -> None:
         self.out_dir = Path(out_dir)
+        self.option = option
         self.path = self.out_dir / LOCK_NAME
         self.command = command
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
-        ensure_writable_dir(self.out_dir, option="--out")
+        ensure_writable_dir(self.out_dir, option=self.option)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -144,9 +145,10 @@ def clean_stale_temps(directory: str | Path, *, recursive: bool = True) -> int:
 
 
 @contextlib.contextmanager
-def claim_output(out: str | Path, *, command: str, clean_temps: bool = True) -> Iterator[Path]:
-    """Hold ``out`` for one writing command: checked writable, locked, stale temps removed."""
-    lock = OutputLock(out, command=command)
+def claim_output(out: str | Path, *, command: str, option: str = "--out", clean_temps: bool = True) -> Iterator[Path]:
+    """Hold ``out`` for one writing command: checked writable, locked, stale temps removed.
+    ``option`` names the argument in messages (``--out``, ``OUT``)."""
+    lock = OutputLock(out, command=command, option=option)
     lock.acquire()
     try:
         if clean_temps:

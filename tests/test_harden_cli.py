@@ -67,7 +67,7 @@ def tree_hash(root: Path) -> dict[str, str]:
 BAD_INPUTS = [
     # make-phantoms
     ("phantoms-size", ["make-phantoms", "{w}/new", "--size", "10"], "--size"),
-    ("phantoms-out-is-file", ["make-phantoms", "{w}/file.txt"], "file.txt"),
+    ("phantoms-out-is-file", ["make-phantoms", "{w}/file.txt"], "file.txt: OUT exists"),
     ("phantoms-out-under-file", ["make-phantoms", "{w}/file.txt/sub"], "file.txt/sub"),
     ("phantoms-other-size", ["make-phantoms", "{w}/phantoms", "--size", "48", "--count", "2"], "32x32"),
     ("phantoms-count-0", ["make-phantoms", "{w}/new", "--count", "0"], "--count"),
