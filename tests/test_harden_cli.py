@@ -183,5 +183,10 @@ def test_help_shows_defaults_choices_and_an_example():
             shown = re.search(rf"{option} .*?\(default ([0-9.e+-]+)\)", text)
             assert shown and float(shown.group(1)) == value, (stage, option)
         assert f"Example: anaus lpsam {stage}" in text and "--random-sam" in text
+        assert f"(default {defaults.alpha})" in text and f"(default {defaults.device})" in text
+    assert f"(default {AdaptConfig().model.image_size} " in _help("lpsam", "adapt")
+    text = _help("pretrain")
+    assert ("default on" if config.run.amp else "default off") in text.split("--no-amp", 1)[1].split(" --", 1)[0]
+    assert ("default on" if config.model.sync_batchnorm else "default off") in text.split("--no-sync-batchnorm", 1)[1].split(" --", 1)[0]
     for command in (["make-phantoms"], ["inspect-shard"], ["export-encoder"], ["demo"], ["lpsam", "predict"]):
         assert "Example: anaus " in _help(*command), command
