@@ -144,10 +144,23 @@ def clean_stale_temps(directory: str | Path, *, recursive: bool = True) -> int:
     return removed
 
 
+def is_primary_process() -> bool:
+    """False in the non-zero ranks of a ``torchrun`` job (``RANK`` set and not 0): those share
+    rank 0's output folder, so only rank 0 locks and cleans it."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 @contextlib.contextmanager
 def claim_output(out: str | Path, *, command: str, option: str = "--out", clean_temps: bool = True) -> Iterator[Path]:
     """Hold ``out`` for one writing command: checked writable, locked, stale temps removed.
-    ``option`` names the argument in messages (``--out``, ``OUT``)."""
+    ``option`` names the argument in messages (``--out``, ``OUT``). In a ``torchrun`` job only
+    rank 0 takes the lock (the other ranks write nothing there)."""
+    if not is_primary_process():
+        yield Path(out)
+        return
     lock = OutputLock(out, command=command, option=option)
     lock.acquire()
     try:

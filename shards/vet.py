@@ -5,9 +5,10 @@ DataLoader worker starts:
 
 * every shard the store's ``manifest.json`` names exists (a deleted shard is not silently left
   out of training);
-* every local shard's size matches the manifest, and its tar headers parse to the number of
-  samples the index lists (truncation and header damage are found here, not as a traceback in
-  a worker halfway through an epoch).
+* every local shard's size matches the manifest (a stat per shard); with ``skip_bad`` (or
+  without a manifest) its tar headers are also read and must give the number of samples the
+  index lists. Damage the cheap check misses (same size, altered bytes) stops the run with one
+  line naming the shard when it is read.
 
 A bad shard is a one-line ``UserInputError`` naming it by default. With ``skip_bad=True``
 (``--skip-bad-shards``) bad shards are dropped from the source (their index rows with them), one
@@ -42,9 +43,10 @@ def _manifest_entries(directory: Path) -> dict[str, dict] | None:
     return {Path(str(entry["name"])).name: entry for entry in read_manifest(directory)["shards"]}
 
 
-def probe_shard(url: str, *, expected_samples: int | None, expected_bytes: int | None) -> str | None:
-    """Why the local shard ``url`` is bad, or None when it looks whole (size and tar headers;
-    member contents are not decoded). Non-local URLs are not probed (None)."""
+def probe_shard(url: str, *, expected_samples: int | None, expected_bytes: int | None, deep: bool = True) -> str | None:
+    """Why the local shard ``url`` is bad, or None when it looks whole: it exists, its size is the
+    manifest's, and (``deep``) its tar headers parse to ``expected_samples`` samples (member
+    contents are not decoded). Non-local URLs are not probed (None)."""
     if url_kind(url) != "local":
         return None
     path = Path(url[len("file://"):] if url.startswith("file://") else url)
@@ -53,6 +55,8 @@ def probe_shard(url: str, *, expected_samples: int | None, expected_bytes: int |
     size = path.stat().st_size
     if expected_bytes is not None and size != expected_bytes:
         return f"{size} bytes, the manifest lists {expected_bytes} (truncated or rewritten)"
+    if not deep:
+        return None
     try:
         count, last = 0, None
         with tarfile.open(path, mode="r:") as archive:
@@ -99,8 +103,12 @@ def open_vetted_shards(source: str | os.PathLike | Sequence[str], *, policy: Sha
     bad: set[int] = set()
     for number, (url, samples) in enumerate(zip(resolved.urls, resolved.sizes)):
         entry = manifest.get(Path(url).name) if manifest is not None else None
+        # Without --skip-bad-shards a store with a manifest gets the stat-only check (a header
+        # damaged in place still stops the run with one line when it is read); skipping needs
+        # every bad shard found up front, so then every tar's headers are read.
         reason = probe_shard(url, expected_samples=samples if manifest is not None else None,
-                             expected_bytes=int(entry["size"]) if entry is not None else None)
+                             expected_bytes=int(entry["size"]) if entry is not None else None,
+                             deep=skip_bad or manifest is None)
         if reason is not None:
             bad.add(number)
             problems.append(f"{url}: {reason}")

@@ -427,3 +427,16 @@ def test_lpsam_predict_skips_a_corrupt_image(tmp_path):
     assert skipped[0]["image"] == str(bad) and "cannot be decoded" in skipped[0]["error"]
     with pytest.raises(UserInputError, match="no readable image"):
         predict_files(Predictor(), [bad], tmp_path / "out2", progress=False)
+
+
+def test_only_rank_zero_of_a_torchrun_job_locks_the_run_folder(tmp_path, monkeypatch):
+    from anaus_core.outputs import OutputLock, claim_output
+
+    with OutputLock(tmp_path / "run", command="pretrain"):
+        monkeypatch.setenv("RANK", "1")
+        with claim_output(tmp_path / "run", command="pretrain"):
+            pass  # rank 1 shares rank 0's folder
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(UserInputError, match="being written"):
+            with claim_output(tmp_path / "run", command="pretrain"):
+                pass
