@@ -74,7 +74,6 @@ def fit_pretrain_to_machine(config: Any, *, corpus_samples: int, stored_size: in
         notes.append(f"note: data.num_workers {data.num_workers} > {cores} CPU core(s) here; using {cores}")
         data = dataclasses.replace(data, num_workers=cores)
     multiple = world_size * optim.accumulation_steps
-    per_epoch = corpus_samples // max(1, world_size)
     if data.batch_size > corpus_samples:
         fitted = largest_valid_batch(corpus_samples, multiple)
         if fitted < 1:
@@ -83,7 +82,6 @@ def fit_pretrain_to_machine(config: Any, *, corpus_samples: int, stored_size: in
         notes.append(f"warning: --batch-size {data.batch_size} exceeds the {corpus_samples} samples in the shards; "
                      f"using {fitted} (lr scales with the batch)")
         data = dataclasses.replace(data, batch_size=fitted)
-    del per_epoch
     if stored_size is not None and views.size > stored_size:
         notes.append(f"warning: --crop-size {views.size} is larger than the stored images ({stored_size} px); "
                      "views are upsampled (pass a smaller --crop-size, or precompute with a larger --stored-size)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
