@@ -70,7 +70,7 @@ def predict_files(predictor: LPSAMPredictor, files: Sequence[Path], out_dir: str
             images, chunk_ok = [], []
             for path in files[start : start + predictor.batch_size]:
                 # One corrupt or oversized image is skipped with a warning (as precompute-masks does),
-                # not the whole batch; the skipped files are listed in predictions.json.
+                # not the whole batch; the skipped files are listed in skipped.json.
                 try:
                     images.append(read_bounded_image(path, mode="L" if in_chans == 1 else "RGB"))
                     chunk_ok.append(path)
