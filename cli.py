@@ -635,8 +635,10 @@ def _pretrain_checked(config, out: Path, *, resume_path, typed_shards, allow_pip
     """Pre-train holding ``out``: device and shard source checked first (a ``pipe:`` source only
     when typed on this command line with --allow-pipe-shards), defaults fitted to the machine
     and the corpus on a fresh run (anaus_core/machine.py)."""
-    from anaus_core.machine import check_device, fit_pretrain_to_machine
-    from anaus_core.outputs import claim_output
+    import os
+
+    from anaus_core.machine import check_device, fit_pretrain_to_machine, usable_cpu_count
+    from anaus_core.outputs import claim_output, is_primary_process
     from anaus_core.shard_urls import ShardUrlPolicy, check_shard_source
     from anaus_core.train import pretrain
     from shards.vet import first_image_size, open_vetted_shards
@@ -649,8 +651,11 @@ def _pretrain_checked(config, out: Path, *, resume_path, typed_shards, allow_pip
     with claim_output(out, command="pretrain"):
         source = open_vetted_shards(config.data.shards, policy=policy, skip_bad=skip_bad, warn=echo_warning)
         if resume_path is None:
-            config, notes = fit_pretrain_to_machine(config, corpus_samples=source.num_samples, stored_size=first_image_size(source))
-            for note in notes:
+            world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))  # torchrun: every rank decides alike
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))  # ranks sharing this machine's cores
+            config, notes = fit_pretrain_to_machine(config, corpus_samples=source.num_samples, stored_size=first_image_size(source),
+                                                    world_size=world, cpu_count=max(1, usable_cpu_count() // local))
+            for note in notes if is_primary_process() else []:
                 echo_warning(note)
         return pretrain(config, out, data=shard_data_source(config, source=source), resume=resume_path)
 
