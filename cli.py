@@ -129,6 +129,8 @@ def make_phantoms_command(
     count: int = typer.Option(24, "--count", "-n", help="Number of phantoms (>= 1)."),
     size: int = typer.Option(256, "--size", "-s", help="Image side in pixels, 32..4096."),
     seed: int = typer.Option(0, "--seed", help="Corpus seed (>= 0); phantom i depends only on (seed, i, size)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Burn in text, a depth ruler, calipers, a colour bar and a logo (RGB images; true field of view and overlay masks in truth/)."),
+    geometry: Optional[str] = typer.Option(None, "--geometry", help="linear or sector for all phantoms (default: alternate)."),
 ) -> None:
     """Write a synthetic B-mode ultrasound corpus with labelled structures (linear and sector probes).
 
@@ -140,7 +142,7 @@ def make_phantoms_command(
     from anaus_core.phantoms import make_phantom_corpus
 
     with claim_output(out, command="make-phantoms", option="OUT"):
-        ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
+        ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True, annotations=annotations, geometry=geometry)
     typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def inspect_shard_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_masker_options(values: Optional[list[str]]) -> dict:
+def _parse_masker_options(values: Optional[list[str]], option: str = "--masker-option") -> dict:
     """``key=value`` strings -> dict; values are parsed as YAML scalars (``300`` -> int)."""
     import yaml
 
@@ -193,7 +195,7 @@ def _parse_masker_options(values: Optional[list[str]]) -> dict:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserInputError(f"--masker-option {item!r}: expected key=value")
+            raise UserInputError(f"{option} {item!r}: expected key=value")
         try:
             options[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -241,6 +243,9 @@ def precompute_masks_command(
     max_shrink: Optional[float] = typer.Option(None, "--max-shrink", help="Largest fraction of an existing output's samples a run may remove without --allow-shrink (default 0.5)."),
     allow_masker_change: bool = typer.Option(False, "--allow-masker-change", help="Rebuild an existing output made with another masker."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    no_scan_region: bool = typer.Option(False, "--no-scan-region", help="Use the whole image instead of the detected scan region (fan/rectangle of echo data)."),
+    region_option: Optional[list[str]] = typer.Option(None, "--region-option", help="Scan-region setting key=value (repeatable; see docs/precompute.md)."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv (columns path,group) naming each source's group (default: CORPUS/groups.csv if present)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PrecomputeConfig fields; options override it."),
 ) -> None:
     """Compute mask sets, pyramids and shards for a corpus; incremental and restartable.
@@ -279,6 +284,9 @@ def precompute_masks_command(
         "allow_shrink": True if allow_shrink else None,
         "max_shrink": max_shrink,
         "allow_masker_change": True if allow_masker_change else None,
+        "scan_region": False if no_scan_region else None,
+        "region_options": _parse_masker_options(region_option, "--region-option") if region_option else None,
+        "groups": str(groups) if groups is not None else None,
     }
     settings = load_config(PrecomputeConfig, config, overrides)
     from anaus_core.machine import check_device
@@ -377,6 +385,7 @@ def lpsam_adapt_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice (default 0.8)."),
     prompt: Optional[PromptMode] = typer.Option(None, "--prompt", help="Prompts from the ground truth (default box+point)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (200 epochs, batch 16, Adam 5e-4); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (default auto)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with AdaptConfig fields (options override it)."),
@@ -387,6 +396,7 @@ def lpsam_adapt_command(
 ) -> None:
     """Stage 1: train bottleneck adapters in SAM's image encoder on image-mask pairs (SAM frozen)."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import AdaptConfig, run_adapt
 
     overrides = _lpsam_overrides(
@@ -400,6 +410,7 @@ def lpsam_adapt_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "adapt"), **overrides}
     result = _run_lpsam_stage(run_adapt, load_config(AdaptConfig, config, overrides), "lpsam adapt")
     typer.echo(f"stage 1 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -413,6 +424,7 @@ def lpsam_train_prompter_command(
     adapter_checkpoint: Optional[Path] = typer.Option(None, "--adapter-checkpoint", help="Stage-1 checkpoint (best.pt of `anaus lpsam adapt`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
     train_decoder: Optional[bool] = typer.Option(None, "--train-decoder/--no-train-decoder", help="Also train SAM's mask decoder (the official code did; the paper freezes it). Off by default."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (100 epochs); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the training pairs (default 20)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Pairs per step (default 8)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)."),
@@ -427,6 +439,7 @@ def lpsam_train_prompter_command(
 ) -> None:
     """Stage 2: train the latent prompt engine (one token group per class); SAM and adapters frozen."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import PrompterConfig, run_train_prompter
 
     overrides = _lpsam_overrides(
@@ -438,6 +451,7 @@ def lpsam_train_prompter_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "train-prompter"), **overrides}
     result = _run_lpsam_stage(run_train_prompter, load_config(PrompterConfig, config, overrides), "lpsam train-prompter")
     typer.echo(f"stage 2 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -682,7 +696,8 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200) -> dict:
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
+             annotations: bool = False) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -709,7 +724,7 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
     console.rule("1. phantom corpus")
     corpus = out / "corpus"
     with claim_output(corpus, command="demo"):
-        make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress)
+        make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress, annotations=annotations)
     result["corpus"] = corpus
 
     console.rule(f"2. precompute-masks (--masker {masker})")
@@ -800,12 +815,14 @@ def demo_command(
     masker: DemoMasker = typer.Option(DemoMasker.felzenszwalb, help="Weight-free mask source."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", min=0, help="CPU pre-training steps on the demo shards (0 skips the step)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     from anaus_core.outputs import ensure_writable_dir
 
     ensure_writable_dir(out, option="OUT")  # each step then holds its own sub-folder (corpus/, shards/, pretrain/)
-    run_demo(out, count=count, size=size, masker=_value(masker), progress=not no_progress, pretrain_steps=pretrain_steps)
+    run_demo(out, count=count, size=size, masker=_value(masker), progress=not no_progress, pretrain_steps=pretrain_steps,
+             annotations=annotations)
 
 
 

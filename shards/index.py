@@ -14,6 +14,8 @@ array                     dtype      meaning
 ``mask_areas``            int64      all mask areas (pixels), row after row (ragged, flat)
 ``mask_areas_start``      int64      (N + 1) row starts into ``mask_areas``
 ``source_hash``           string     sha256 of the source file (from the record)
+``group``                 string     the record's group id (patient, study, clip, groups.csv
+                                     entry; ``docs/shard-format.md``); absent in older stores
 ========================  =========  ===========================================================
 
 Attributes: ``format_version``, ``scales``, ``shards`` (file names), ``shard_sha256``,
@@ -130,8 +132,8 @@ def _check_final(out_dir: Path, info: ShardInfo) -> None:
         raise ValueError(f"{path}: {path.stat().st_size} bytes on disk, ShardInfo says {info.size}; refusing to index it")
 
 
-_COLUMNS = ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash")
-_TEXT_COLUMNS = ("key", "source_hash")
+_COLUMNS = ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash", "group")
+_TEXT_COLUMNS = ("key", "source_hash", "group")
 _COLUMN_DTYPES = {"shard": np.int32, "offset": np.int64, "size": np.int64, "mask_count": np.int32, "mask_areas": np.int64, "mask_areas_start": np.int64}
 
 
@@ -146,6 +148,7 @@ def _shard_pieces(number: int, table: SampleEntryTable, area_base: int) -> dict[
         "mask_areas": table.mask_areas,
         "mask_areas_start": table.area_starts[:-1] + area_base,
         "source_hash": table.source_hashes,
+        "group": table.groups,
     }
 
 
@@ -319,6 +322,7 @@ class ShardIndex:
         self.mask_areas = np.asarray(columns["mask_areas"], np.int64)
         self.mask_areas_start = np.asarray(columns["mask_areas_start"], np.int64)
         self.source_hash: list[str] = list(columns["source_hash"])
+        self.group: list[str] = list(columns.get("group") or [""] * len(self.keys))
         self._position = {key: i for i, key in enumerate(self.keys)}
 
     def __len__(self) -> int:
@@ -359,6 +363,7 @@ class ShardIndex:
                     mask_count=int(self.mask_count[row]),
                     mask_areas=tuple(int(a) for a in self.areas_of(row)),
                     source_hash=self.source_hash[row],
+                    group=self.group[row],
                 )
                 for row in self.rows_of_shard(number)
             ]
@@ -400,6 +405,8 @@ def read_index(out_dir: str | os.PathLike) -> ShardIndex:
         columns = {name: group[name][:] for name in ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash")}
         columns["key"] = columns["key"].tolist()
         columns["source_hash"] = columns["source_hash"].tolist()
+        if "group" in group:  # stores written before groups have no such column
+            columns["group"] = group["group"][:].tolist()
     except Exception as exc:  # zarr raises many types for damaged stores
         raise UserInputError(f"{index_path}: unreadable index ({type(exc).__name__}: {exc})") from None
     if attrs.get("index_id") != manifest.get("index_id"):
