@@ -113,7 +113,7 @@ def small_corpus(tmp_path_factory) -> Path:
 def built_store(tmp_path_factory, small_corpus) -> Path:
     out = tmp_path_factory.mktemp("built") / "out"
     result = _run(["precompute-masks", str(small_corpus), "--out", str(out), "--masker", "kmeans", "--stored-size", "32",
-                   "--samples-per-shard", "2", "--no-progress"])
+                   "--samples-per-shard", "2", "--no-progress", "--no-scan-region"])  # noise images have no scan region
     assert result.exit_code == 0, result.output
     return out
 
@@ -136,7 +136,8 @@ def test_shrinking_by_more_than_the_limit_needs_allow_shrink(tmp_path, built_sto
     part = tmp_path / "part"
     part.mkdir()
     (part / "im0.png").write_bytes((small_corpus / "im0.png").read_bytes())
-    args = ["precompute-masks", str(part), "--out", str(out), "--masker", "kmeans", "--stored-size", "32", "--samples-per-shard", "2", "--no-progress"]
+    args = ["precompute-masks", str(part), "--out", str(out), "--masker", "kmeans", "--stored-size", "32", "--samples-per-shard", "2",
+            "--no-progress", "--no-scan-region"]
     result = _run(args)
     assert result.exit_code == 2 and "shrink the store from 6 to 1" in result.output and "--allow-shrink" in result.output
     assert _published(out) == before

@@ -51,6 +51,7 @@ def write_phantom(out_dir: Path, phantom_key: str, phantom: Phantom, *, seed: in
         Image.fromarray(screen.rgb, mode="RGB").save(out_dir / "img" / f"{phantom_key}.png")
         Image.fromarray(screen.label, mode="L").save(out_dir / "label" / f"{phantom_key}.png")
         (out_dir / "truth").mkdir(exist_ok=True)
+        (out_dir / "truth" / LABELS_MARKER).write_text("truth masks of a phantom corpus; not ingested as images\n")
         fov_name, overlay_name = f"truth/{phantom_key}_fov.png", f"truth/{phantom_key}_overlay.png"
         Image.fromarray(screen.field_of_view.astype(np.uint8) * 255, mode="L").save(out_dir / fov_name)
         Image.fromarray(screen.overlay.astype(np.uint8) * 255, mode="L").save(out_dir / overlay_name)
