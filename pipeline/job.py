@@ -275,7 +275,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
             # before the commit point: an empty or much smaller corpus (wrong or unmounted folder)
             # must not replace the published shards (pipeline/output_guard.py)
             check_sample_count(out_dir, report.samples, skipped=len(report.errors), corpus=config.corpus,
-                               allow_shrink=config.allow_shrink, max_shrink=config.max_shrink)
+                               allow_shrink=config.allow_shrink, max_shrink=config.max_shrink,
+                               first_error=report.errors[0] if report.errors else None)
             try:
                 shard_fps = _pack_and_index(report, tables, settings, config, cache, out_dir, masker_fp, executor, client, progress, groups=groups)
             finally:

@@ -51,11 +51,13 @@ def check_masker(out_dir: str | Path, masker: str, *, allow_change: bool) -> Non
 
 
 def check_sample_count(out_dir: str | Path, samples: int, *, skipped: int, corpus: str, allow_shrink: bool,
-                       max_shrink: float) -> None:
+                       max_shrink: float, first_error: dict | None = None) -> None:
     """Refuse an empty result, and a shrink by more than ``max_shrink`` of the existing samples."""
     if samples <= 0:
-        extra = f" ({skipped} input(s) skipped, see errors.jsonl)" if skipped else ""
-        raise UserInputError(f"{corpus}: empty corpus: no images or videos found{extra}; nothing written")
+        if skipped:
+            first = f" (first: {first_error.get('path')}: {first_error.get('reason')})" if first_error else ""
+            raise UserInputError(f"{corpus}: no usable input: all {skipped} input(s) were skipped{first}; nothing written")
+        raise UserInputError(f"{corpus}: empty corpus: no images or videos found; nothing written")
     manifest = existing_store(out_dir)
     if manifest is None or allow_shrink:
         return
