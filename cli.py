@@ -583,6 +583,7 @@ def pretrain_command(
     accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", min=1, help="Micro-batches per optimiser step, gradient accumulation (default 1)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA, never on CPU (default on)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format on CUDA (default on)."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="torch.compile of the networks: auto (on CUDA only, default), on, off."),
     sync_batchnorm: Optional[bool] = typer.Option(None, "--sync-batchnorm/--no-sync-batchnorm", help="SyncBatchNorm across GPUs under torchrun, CUDA only (default off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the weights, the data order and every augmentation (default 0)."),
     log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Optimiser steps between metrics.jsonl lines (default 10)."),
@@ -614,7 +615,7 @@ def pretrain_command(
         "data.batch_size": batch_size, "data.num_workers": num_workers, "views.size": crop_size,
         "views.num_mask_samples": masks_per_image, "optim.base_lr": lr, "optim.warmup_epochs": warmup_epochs,
         "optim.accumulation_steps": accumulation_steps, "run.steps": steps, "run.epochs": epochs,
-        "run.device": _value(device), "run.amp": amp, "run.channels_last": channels_last,
+        "run.device": _value(device), "run.amp": amp, "run.channels_last": channels_last, "run.compile": compile_mode,
         "model.sync_batchnorm": sync_batchnorm, "run.seed": seed, "run.log_every": log_every,
         "run.checkpoint_every": checkpoint_every, "run.progress": progress,
     }
@@ -697,7 +698,7 @@ def export_encoder_command(
 
 
 def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
-             annotations: bool = False) -> dict:
+             annotations: bool = False, eval_count: int = 0) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -705,7 +706,9 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
        masker (``labels`` reads ``OUT/corpus/label``);
     3. inspect: validate the shard directory, print its summary, write ``OUT/contact_sheet.png``.
 
-    Later steps (pre-training on ``OUT/shards``) append to the returned dict. Running the demo
+    Later steps (pre-training on ``OUT/shards``; with ``eval_count``, evaluating its encoder
+    against ``random`` on that many held-apart phantoms under ``OUT/evaluate``) append to the
+    returned dict. Running the demo
     again re-uses everything already computed (step 2 reports "nothing to do").
     """
     from rich.console import Console
@@ -758,6 +761,13 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
         console.rule(f"4. pretrain ({pretrain_steps} steps on the CPU)")
         result.update(_demo_pretrain(shards_dir, out / "pretrain", steps=pretrain_steps, seed=seed,
                                      progress=progress, console=console))
+        if eval_count > 0:
+            from anaus_core.evaluate.demo import evaluate_demo_encoder
+            from pipeline.frame_reader import IngestFrameReader
+
+            console.rule(f"5. evaluate the demo encoder vs random ({eval_count} held-apart phantoms)")
+            result["evaluation"] = evaluate_demo_encoder(result["encoder"], out / "evaluate", reader=IngestFrameReader(),
+                                                         count=eval_count, seed=seed, progress=progress, console=console)
     return result
 
 
@@ -816,13 +826,80 @@ def demo_command(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", min=0, help="CPU pre-training steps on the demo shards (0 skips the step)."),
     annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
+    eval_count: int = typer.Option(60, "--eval-count", min=0, help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     from anaus_core.outputs import ensure_writable_dir
 
     ensure_writable_dir(out, option="OUT")  # each step then holds its own sub-folder (corpus/, shards/, pretrain/)
     run_demo(out, count=count, size=size, masker=_value(masker), progress=not no_progress, pretrain_steps=pretrain_steps,
-             annotations=annotations)
+             annotations=annotations, eval_count=eval_count)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+
+def _parse_fractions(values: Optional[list[str]]) -> Optional[list[float]]:
+    """``--label-fraction 0.01,0.1 --label-fraction 1`` -> [0.01, 0.1, 1.0]."""
+    if not values:
+        return None
+    fractions = []
+    for value in values:
+        for part in value.replace(",", " ").split():
+            try:
+                fractions.append(float(part))
+            except ValueError:
+                raise UserInputError(f"--label-fraction {part!r}: expected a number in (0, 1]") from None
+    return fractions
+
+
+@app.command("evaluate", epilog="Example: anaus evaluate data/BUSI_cls --out reports/busi --protocol linear --encoder anaus=runs/anaus/encoder.pt --encoder random")
+@user_errors
+def evaluate_command(
+    data: Path = typer.Argument(..., help="Labelled data: class-per-folder images (classification) or img/ + label/ + dataset.yaml (segmentation)."),
+    out: Path = typer.Option(..., "--out", help="Report folder: results.json, results.md, folds.csv, predictions.png, confusion.png, label_fraction.png."),
+    encoder: Optional[list[str]] = typer.Option(None, "--encoder", help="NAME=PATH of a torchvision ResNet-18/50 or timm ViT state dict (repeatable), or 'random'."),
+    task: str = typer.Option("classification", "--task", help="classification or segmentation."),
+    protocol: Optional[list[str]] = typer.Option(None, "--protocol", help="linear (default), finetune, finetune-full (repeatable)."),
+    head: str = typer.Option("fpn", "--head", help="Segmentation head: fpn (light decoder on the ResNet-FPN / ViT tokens) or maskrcnn."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Outer cross-validation folds (default 5)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, label fractions, initialisation and batches (default 0)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Network input size in pixels (default 224)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning / segmentation epochs (default 30)."),
+    label_fraction: Optional[list[str]] = typer.Option(None, "--label-fraction", help="Fractions of each training fold, e.g. 0.01,0.1,1.0 (repeatable)."),
+    select_on_test: bool = typer.Option(False, "--select-on-test", help="Select epoch/head on the test fold like USCL/the official code; marks every figure optimistic."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv with rows file,group (file relative to DATA)."),
+    group_by: str = typer.Option("auto", "--group-by", help="auto (frames of a video/multi-frame file together), video, patient (DICOM PatientID), folder, none."),
+    allow_frame_leak: bool = typer.Option(False, "--allow-frame-leak", help="Allow frames of one source in different folds (leaks; off by default)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Fixed outer folds: CSV rows file,fold (e.g. a published split, or a previous folds.csv)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML evaluation config (see docs/evaluate.md)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key, e.g. --set linear.epochs=50 (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Evaluate encoders on labelled data with grouped k-fold cross-validation (selection never on the test fold)."""
+    from anaus_core.config import load_config
+    from anaus_core.evaluate import EvaluateConfig, parse_encoder_option, run_evaluation
+    from pipeline.frame_reader import IngestFrameReader
+
+    overrides = {"task": task, "data": str(data), "out": str(out), "head": head, "folds": folds, "seed": seed,
+                 "image_size": image_size, "finetune.epochs": epochs, "label_fractions": _parse_fractions(label_fraction),
+                 "protocols": protocol or None, "select_on_test": select_on_test or None,
+                 "groups_file": str(groups) if groups else None, "group_by": group_by,
+                 "allow_frame_leak": allow_frame_leak or None, "splits_file": str(splits) if splits else None,
+                 "device": device, "progress": False if no_progress else None}
+    overrides.update(_parse_set_options(set_))
+    eval_config = load_config(EvaluateConfig, config, overrides)
+    from anaus_core.machine import check_device
+    from anaus_core.outputs import claim_output
+
+    check_device(eval_config.device)
+    specs = [parse_encoder_option(text) for text in (encoder or [])]
+    with claim_output(out, command="evaluate"):
+        results = run_evaluation(eval_config, specs, reader=IngestFrameReader())
+    typer.echo(f"report: {out / 'results.md'} ({len(results['runs'])} runs; selection: {results['selection']})")
 
 
 
