@@ -123,6 +123,11 @@ BAD_INPUTS = [
     ("predict-garbage", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--random-sam", "--out", "{w}/run"], "garbage.pt"),
     ("predict-out-is-file", ["lpsam", "predict", "{w}/corpus", "--checkpoint", "{w}/garbage.pt", "--random-sam", "--out", "{w}/file.txt"], "file.txt"),
     ("precompute-lpsam-no-sam", ["precompute-masks", "{w}/corpus", "--out", "{w}/lp_out", "--masker", "lpsam", "--checkpoint", "{w}/garbage.pt", "--no-progress"], "--sam-checkpoint"),
+    # evaluate
+    ("evaluate-missing-data", ["evaluate", "{w}/nope", "--out", "{w}/run", "--encoder", "random"], "nope"),
+    ("evaluate-out-is-file", ["evaluate", "{w}/corpus", "--out", "{w}/file.txt", "--encoder", "random"], "file.txt"),
+    ("evaluate-device", ["evaluate", "{w}/corpus", "--out", "{w}/run", "--encoder", "random", "--device", "tpu"], "--device"),
+    ("evaluate-garbage-encoder", ["evaluate", "{w}/corpus", "--out", "{w}/run", "--encoder", "x={w}/garbage.pt"], "garbage.pt"),
     # demo
     ("demo-steps", ["demo", "{w}/demo", "--pretrain-steps", "-1"], "--pretrain-steps"),
     ("demo-out-is-file", ["demo", "{w}/file.txt"], "file.txt"),
@@ -197,5 +202,5 @@ def test_help_shows_defaults_choices_and_an_example():
     text = _help("pretrain")
     assert ("default on" if config.run.amp else "default off") in text.split("--no-amp", 1)[1].split(" --", 1)[0]
     assert ("default on" if config.model.sync_batchnorm else "default off") in text.split("--no-sync-batchnorm", 1)[1].split(" --", 1)[0]
-    for command in (["make-phantoms"], ["inspect-shard"], ["export-encoder"], ["demo"], ["lpsam", "predict"]):
+    for command in (["make-phantoms"], ["inspect-shard"], ["export-encoder"], ["demo"], ["lpsam", "predict"], ["evaluate"]):
         assert "Example: anaus " in _help(*command), command
