@@ -26,8 +26,7 @@ def one_line(message: str) -> str:
             text = rest  # "ShardReadError: shards/x.tar: ..." -> "shards/x.tar: ..."
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     text = " ".join(lines)
-    for marker in ("This file can still be loaded", "weights_only", "Weights only load failed"):
-        if marker in text:
-            text = text.split(marker)[0].rstrip(" (,;:.") + " (refused: not a plain weights file)"
-            break
+    cuts = [text.find(marker) for marker in ("This file can still be loaded", "weights_only", "Weights only load failed") if marker in text]
+    if cuts:  # everything from torch's explanation on goes, whichever of its phrases comes first
+        text = text[: min(cuts)].rstrip(" (,;:.`") + " (refused: not a plain weights file)"
     return text

@@ -151,6 +151,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, case):
     assert result.exit_code != 0, f"{name}: exit 0\n{output}"
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), f"{name}: {result.exception!r}"
     assert "Traceback" not in output, output
+    assert "weights_only" not in output and "Weights only" not in output, output  # torch's unsafe advice never reaches a user
     errors = [line for line in output.splitlines() if line.lower().startswith("error")]
     assert len(errors) == 1, f"{name}: expected one error line\n{output}"
     if not errors[0].startswith("Error: "):  # our own messages (not click's usage errors) are the whole output
