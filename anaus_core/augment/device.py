@@ -9,16 +9,18 @@ L_ctx is applied to it later, by the model) — only the same normalisation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from anaus_core.augment import ultrasound
 from anaus_core.augment.photometric import PhotometricConfig, apply_params, byol_view_configs, sample_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_POOL_SCALES = (7, 14, 28, 56)
+POLICIES = ("paper", "ultrasound")
 
 
 def _default_view1() -> PhotometricConfig:
@@ -32,13 +34,27 @@ def _default_view2() -> PhotometricConfig:
 @dataclass
 class DeviceAugmentConfig:
     """Photometric settings of both views and the normalisation (ImageNet statistics by default,
-    so an ImageNet-initialised backbone sees inputs in its usual range)."""
+    so an ImageNet-initialised backbone sees inputs in its usual range).
+
+    ``policy``: ``"paper"`` — BYOL's colour jitter, blur and solarisation (``view1``/``view2``, the
+    paper's A.1); ``"ultrasound"`` — bounded gain, time-gain compensation, log-compression and
+    sub-speckle blur (``ultrasound``, ``anaus_core.augment.ultrasound``), which keep the intensity
+    relations an echogenicity judgement rests on. ``docs/objectives.md`` compares them.
+    """
 
     view1: PhotometricConfig = field(default_factory=_default_view1)
     view2: PhotometricConfig = field(default_factory=_default_view2)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     photometric: bool = True        # False: geometry only (ablations, debugging)
+    policy: Literal["paper", "ultrasound"] = "paper"
+    ultrasound: ultrasound.UltrasoundIntensityConfig = field(default_factory=ultrasound.UltrasoundIntensityConfig)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for an unknown policy or out-of-range bounds."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"augment.policy: one of {', '.join(POLICIES)}, got {self.policy!r}")
+        self.ultrasound.validate()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "DeviceAugmentConfig":
@@ -48,13 +64,19 @@ class DeviceAugmentConfig:
         if isinstance(data, cls):
             return data
         data = dict(data)
-        unknown = set(data) - {"view1", "view2", "mean", "std", "photometric"}
+        unknown = set(data) - {"view1", "view2", "mean", "std", "photometric", "policy", "ultrasound"}
         if unknown:
             raise ValueError(f"unknown augment settings: {sorted(unknown)}")
         base = cls()
         view1 = base.view1.__class__(**{**base.view1.__dict__, **dict(data.pop("view1", {}) or {})})
         view2 = base.view2.__class__(**{**base.view2.__dict__, **dict(data.pop("view2", {}) or {})})
-        return cls(view1=view1, view2=view2, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        us = data.pop("ultrasound", None)
+        us = us if isinstance(us, ultrasound.UltrasoundIntensityConfig) else \
+            ultrasound.UltrasoundIntensityConfig(**{**base.ultrasound.__dict__, **dict(us or {})})
+        out = cls(view1=view1, view2=view2, ultrasound=us,
+                  **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        out.validate()
+        return out
 
 
 def unpack_masks(packed: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -118,7 +140,11 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], *, device: torch.device | s
             out[name] = unpack_masks(moved[name], size).float()
     for name, view_config in (("view1", config.view1), ("view2", config.view2)):
         images = views[name]
-        if config.photometric:
+        if config.photometric and config.policy == "ultrasound":
+            us_params = ultrasound.sample_params(images.shape[0], images.shape[-2], config.ultrasound,
+                                                 generator=generator, device=device)
+            images = ultrasound.apply_params(images, us_params, config.ultrasound)
+        elif config.photometric:
             params = sample_params(images.shape[0], view_config, generator=generator, device=device)
             images = apply_params(images, params, view_config)
         out[name] = normalize_gray(images, config.mean, config.std)

@@ -102,6 +102,10 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
     if data.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be >= 0, got {data.num_workers}")
     try:
+        config.augment.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
         config.model.validate()
     except ConfigError as exc:
         raise ConfigError(str(exc) if str(exc).startswith("model") else f"model.{exc}") from None
