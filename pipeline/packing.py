@@ -80,10 +80,12 @@ def shard_groups(items: Iterable[Any], samples_per_shard: int, key_of: Callable[
         yield group
 
 
-def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, int, int]]:
+def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeConfig, anatomy=None) -> list[tuple[str, str, int, int]]:
     """(shard fingerprint, shard file name, first position, stop position) in key order; one
     tuple per shard (so it grows with the number of shards, not of samples)."""
     pack_options = {"scales": list(settings.scales)}
+    if anatomy is not None:  # --anatomy: the categories are part of what a shard holds
+        pack_options.update(anatomy.pack_option())
     planned = []
     for group in shard_groups(tables.packed_members(), config.samples_per_shard, lambda member: member.key):
         shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in group), pack_options)
@@ -122,8 +124,11 @@ def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: 
 def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> set[str]:
     from shards.index import INDEX_NAME, read_manifest, write_index
 
+    from pipeline.anatomy import index_anatomy, parse_anatomy_source
+
     pack_start = time.perf_counter()
-    planned = _shard_plan(tables, settings, config)
+    anatomy = parse_anatomy_source(config.anatomy, corpus=config.corpus)
+    planned = _shard_plan(tables, settings, config, anatomy)
     infos: dict[str, Any] = {}
     to_write: list[tuple[str, str, int, int]] = []
     for shard_fp, name, start, stop in planned:
@@ -139,7 +144,7 @@ def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir:
         # Members become SampleRef objects one shard at a time, as the executor asks for work.
         fps = {name: shard_fp for shard_fp, name, _, _ in to_write}
         tasks = (
-            (ShardTask(str(out_dir), name, shard_fp, tables.packed_refs(start, stop), settings.cache_root, settings.scales),)
+            (ShardTask(str(out_dir), name, shard_fp, tables.packed_refs(start, stop), settings.cache_root, settings.scales, anatomy),)
             for shard_fp, name, start, stop in to_write
         )
         own_executor = executor is None
@@ -176,7 +181,8 @@ def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir:
             unchanged = False
     if not unchanged:
         fault_point("index")
-        write_index(out_dir, ordered, scales=settings.scales, fingerprints=index_fps)
+        write_index(out_dir, ordered, scales=settings.scales, fingerprints=index_fps,
+                    anatomy=index_anatomy(cache, [fp for fp, _, _, _ in planned]) if anatomy is not None else None)
         report.index_written = True
     fault_point("cleanup")
     current = set(names)

@@ -427,6 +427,7 @@ class ShardTask:
     members: tuple[SampleRef, ...]
     cache_root: str
     scales: tuple[int, ...]
+    anatomy: Any = None  # pipeline.anatomy.AnatomySource: a category per sample (--anatomy)
 
 
 @dataclass
@@ -446,8 +447,8 @@ def sample_record(ref: SampleRef) -> dict[str, Any]:
     }
 
 
-def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int]):
-    """Assemble the ``ShardSample`` of ``ref`` from its three cache entries."""
+def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int], anatomy: str | None = None):
+    """Assemble the ``ShardSample`` of ``ref`` from its three cache entries (+ its anatomy category)."""
     from shards.sample import ShardSample
 
     ingest_meta, ingest_sections = cache.get("ingest", ref.ingest_fp)
@@ -458,6 +459,8 @@ def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int]):
     pyramid = {int(s): pyramid[int(s)] for s in scales}
     record = sample_record(ref)
     record["masks"] = mask_set.records()
+    if anatomy is not None:
+        record["anatomy"] = anatomy
     return ShardSample(key=ref.key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record)
 
 
@@ -467,9 +470,18 @@ def write_shard_task(task: ShardTask) -> ShardResult:
 
     start = time.perf_counter()
     cache = StageCache(task.cache_root)
-    info = write_shard(Path(task.out_dir) / task.name, (load_shard_sample(ref, cache, task.scales) for ref in task.members))
+    categories = [None] * len(task.members)
+    if task.anatomy is not None:
+        from pipeline.anatomy import AnatomyResolver
+
+        categories = AnatomyResolver(task.anatomy).categories(task.members, cache)
+    info = write_shard(Path(task.out_dir) / task.name,
+                       (load_shard_sample(ref, cache, task.scales, anatomy) for ref, anatomy in zip(task.members, categories)))
     _fault_point("shard")
-    cache.put("pack", task.shard_fp, shard_info_to_dict(info), {})
+    sidecar = shard_info_to_dict(info)
+    if task.anatomy is not None:
+        sidecar["anatomy"] = categories  # read back for the index column (pipeline.anatomy)
+    cache.put("pack", task.shard_fp, sidecar, {})
     # The driver needs name, sha256 and size; the per-sample entries are read back from the pack
     # cache when the index is written (sending them would cost the driver memory per sample).
     light = type(info)(name=info.name, sha256=info.sha256, size=info.size, samples=[])
