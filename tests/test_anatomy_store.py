@@ -52,6 +52,8 @@ def test_anatomy_from_csv_is_a_pack_only_change(phantom_corpus, tmp_path):
     assert read_index(out).anatomy is None
 
     truth = _probe_csv(phantom_corpus, tmp_path / "anatomy.csv")
+    plan = run_precompute(_config(images, out, anatomy=f"csv:{tmp_path / 'anatomy.csv'}", dry_run=True), show_report=False).dry_run_plan
+    assert plan["stages"]["mask"]["compute"] == 0 and plan["stages"]["pack (shards)"]["reuse"] == 0
     second = run_precompute(_config(images, out, anatomy=f"csv:{tmp_path / 'anatomy.csv'}"), show_report=False)
     # nothing before the pack stage ran again
     assert {s: v.computed for s, v in second.stages.items()} == {s: 0 for s in second.stages}
