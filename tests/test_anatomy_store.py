@@ -134,3 +134,33 @@ def test_largest_lpsam_class_and_bad_sources(tmp_path):
             self.relpath, self.source_path, self.mask_fp = relpath, "", ""
 
     assert [resolver.category(Ref(p)) for p in ("sub/x.png", "other/x.png", "y.png", "z.png")] == ["liver", "liver", "unknown", "unknown"]
+
+
+def test_multicrop_loader_reads_the_stored_anatomy(phantom_corpus, tmp_path):
+    """The A-ViT batch transform in the real shard loader: every batch row carries its sample's category."""
+    from anaus_core.avit.config import MultiCropConfig
+    from anaus_core.avit.multicrop import MultiCropTransform
+    from shards.anatomy_sample import decode_image_and_anatomy
+    from shards.loader import PretrainLoader
+    from shards.shard_stream import ShardStream
+    from shards.source import resolve_shards
+
+    images = phantom_corpus / "img"
+    out = tmp_path / "store"
+    truth = _probe_csv(phantom_corpus, tmp_path / "anatomy.csv")
+    run_precompute(_config(images, out, anatomy=f"csv:{tmp_path / 'anatomy.csv'}"), show_report=False)
+    # batch["index"] is the canonical sample number: shards in name order, members in tar order
+    keys = list(_records(out))
+    vocabulary = ["sector", "linear"]            # the model's order need not be the store's
+    transform = MultiCropTransform(MultiCropConfig(global_size=32, local_size=16, num_local=1), categories=vocabulary,
+                                   seed=3, decode=decode_image_and_anatomy)
+    stream = ShardStream(resolve_shards(out), batch_size=4, seed=3, epoch=0, rank=0, world_size=1, num_workers=0,
+                         start_batch=0, shuffle_buffer=0, batch_transform=transform)
+    seen = 0
+    for batch in PretrainLoader(stream, num_workers=0):
+        assert batch["global"].shape == (4, 2, 1, 32, 32) and batch["local"].shape == (4, 1, 1, 16, 16)
+        for row, code in zip(batch["index"].tolist(), batch["anatomy"].tolist()):
+            key = keys[row]
+            assert code == vocabulary.index(truth[key[:-len("_png")]]) + 1
+            seen += 1
+    assert seen == (len(truth) // 4) * 4
