@@ -57,12 +57,12 @@ def test_acdt_two_categories_give_different_offsets_and_outputs():
 
 def test_acdt_with_zeroed_conditioning_is_the_plain_deformable_block():
     torch.manual_seed(0)
-    conditioned = build_acdt_block(dim=DIM, num_heads=HEADS, offset_groups=2)
+    conditioned = build_acdt_block(dim=DIM, num_heads=HEADS, offset_groups=2, mlp_ratio=2.0)
     _randomise_offsets(conditioned)
     with torch.no_grad():
         conditioned.film.weight.zero_()
         conditioned.film.bias.zero_()
-    plain = build_acdt_block(dim=DIM, num_heads=HEADS, offset_groups=2, conditioned=False)
+    plain = build_acdt_block(dim=DIM, num_heads=HEADS, offset_groups=2, conditioned=False, mlp_ratio=2.0)
     state = {k: v for k, v in conditioned.state_dict().items() if not k.startswith("film.")}
     plain.load_state_dict(state, strict=True)
     tokens = _tokens()

@@ -14,7 +14,9 @@ What this module chooses where it is silent (docs/avit.md):
 * the deformable conv is ``torchvision.ops.deform_conv2d`` (D -> D, k×k); the final offset conv
   is zero-initialised (DCN practice), so training starts from a regular k×k conv;
 * attention: every token (CLS included, so the distilled CLS feature sees the deformable
-  features) queries the layer-normed deformable features, then a ViT MLP; both residual.
+  features) queries the layer-normed deformable features, residual. No MLP by default
+  (``mlp_ratio=0``): one such block at ViT-B/16 adds 9.4 M parameters, the poster's 86 M -> 95 M;
+  with a ViT MLP it would add 14.1 M.
 """
 
 from __future__ import annotations
@@ -46,14 +48,14 @@ class DeformableTokenBlock(nn.Module):
         kernel_size: k of the deformable conv.
         offset_groups: G, offset fields (D divisible by it).
         anatomy_dim: width of the anatomy vector; None = a plain (unconditioned) deformable block.
-        mlp_ratio: hidden width of the MLP relative to D.
+        mlp_ratio: hidden width of a residual MLP after the attention relative to D; 0 = none.
 
     Forward: tokens (B, 1 + h·w, D), anatomy (B, anatomy_dim) or None, grid (h, w) ->
     (tokens (B, 1 + h·w, D), offsets (B, 2·G·k², h, w)).
     """
 
     def __init__(self, *, dim: int, num_heads: int, kernel_size: int = 3, offset_groups: int = 4,
-                 anatomy_dim: int | None = None, mlp_ratio: float = 4.0) -> None:
+                 anatomy_dim: int | None = None, mlp_ratio: float = 0.0) -> None:
         super().__init__()
         if dim % offset_groups:
             raise ValueError(f"dim {dim} is not divisible by offset_groups {offset_groups}")
@@ -72,8 +74,8 @@ class DeformableTokenBlock(nn.Module):
         self.norm_query = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm_mlp = nn.LayerNorm(dim) if mlp_ratio > 0 else None
+        self.mlp = Mlp(dim, int(dim * mlp_ratio)) if mlp_ratio > 0 else None
 
     def offsets(self, features: torch.Tensor, anatomy: torch.Tensor | None) -> torch.Tensor:
         """(B, D, h, w) normed features -> (B, 2·G·k², h, w) sampling offsets."""
@@ -97,12 +99,13 @@ class DeformableTokenBlock(nn.Module):
         keys = self.norm_kv(deformed)
         attended, _ = self.attn(self.norm_query(tokens), keys, keys, need_weights=False)
         tokens = tokens + attended
-        tokens = tokens + self.mlp(self.norm_mlp(tokens))
+        if self.mlp is not None:
+            tokens = tokens + self.mlp(self.norm_mlp(tokens))
         return tokens, offsets
 
 
 def build_acdt_block(*, dim: int, num_heads: int, kernel_size: int = 3, offset_groups: int = 4,
-                     conditioned: bool = True) -> DeformableTokenBlock:
+                     conditioned: bool = True, mlp_ratio: float = 0.0) -> DeformableTokenBlock:
     """An ACDT block (``conditioned``) or the plain deformable block of the same shape."""
     return DeformableTokenBlock(dim=dim, num_heads=num_heads, kernel_size=kernel_size, offset_groups=offset_groups,
-                                anatomy_dim=dim if conditioned else None)
+                                anatomy_dim=dim if conditioned else None, mlp_ratio=mlp_ratio)
