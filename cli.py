@@ -393,11 +393,31 @@ def shard_data_source(config):
                                 pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor)
 
 
+def _init_overrides(init: Optional[str], weights: Optional[Path]) -> dict:
+    """``--init``/``--weights`` -> ``model.pretrained_weights`` (nothing is ever downloaded)."""
+    if init is None and weights is None:
+        return {}
+    if init not in (None, "random", "imagenet"):
+        raise UserInputError(f"--init {init!r}: choose random or imagenet")
+    if init == "random":
+        if weights is not None:
+            raise UserInputError("--weights: only used with --init imagenet")
+        return {}
+    if weights is None:
+        raise UserInputError("--init imagenet: give the weights file with --weights FILE (a torchvision ResNet state dict; nothing is downloaded)")
+    if not weights.is_file():
+        raise UserInputError(f"{weights}: --weights file not found")
+    return {"model.pretrained_weights": str(weights)}
+
+
 @app.command("pretrain")
 @user_errors
 def pretrain_command(
     shards: Optional[Path] = typer.Option(None, "--shards", help="Shard folder written by `anaus precompute-masks` (shards + index.zarr). Required unless the config or the resumed run names it."),
     out: Path = typer.Option(..., "--out", help="Run folder: config.yaml, metrics.jsonl, loss_curve.png, checkpoints/, encoder.pt, fpn.pt."),
+    method: Optional[str] = typer.Option(None, "--method", help="Pre-training method: anaus (default) or avit."),
+    init: Optional[str] = typer.Option(None, "--init", help="Encoder initialisation: random (default) or imagenet (the paper's §3.1; needs --weights)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="With --init imagenet: a local torchvision-format ResNet state dict (e.g. resnet18-f37072fd.pth; fc.* ignored)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps to train (wins over --epochs)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the shards (default 300 when --steps is not given)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch per optimiser step, over all GPUs and accumulation steps (default 192). lr = base_lr x batch/256."),
@@ -425,7 +445,7 @@ def pretrain_command(
     from anaus_core.train import PretrainConfig, load_checkpoint, pretrain, resolve_resume_path
 
     overrides = {
-        "data.shards": str(shards) if shards is not None else None,
+        "method": method, "data.shards": str(shards) if shards is not None else None,
         "data.batch_size": batch_size, "data.num_workers": num_workers, "views.size": crop_size,
         "views.num_mask_samples": masks_per_image, "optim.base_lr": lr, "optim.warmup_epochs": warmup_epochs,
         "optim.accumulation_steps": accumulation_steps, "run.steps": steps, "run.epochs": epochs,
@@ -434,6 +454,7 @@ def pretrain_command(
         "run.checkpoint_every": checkpoint_every, "run.progress": progress,
     }
     overrides.update(_parse_set_options(set_values))
+    overrides.update(_init_overrides(init, weights))
     resume_arg = resume_from if resume_from is not None else (True if resume else None)
     resume_path = resolve_resume_path(resume_arg, out)
     try:

@@ -84,7 +84,7 @@ def bench_masks(args, workdir: Path) -> dict:
     from anaus_core.optim import build_lars, param_groups_excluding_norm_and_bias
     from anaus_core.sam import save_random_sam_checkpoint
     from anaus_core.train import PretrainConfig
-    from anaus_core.train.trainer import build_model, forward_losses, make_generator, prepare_micro_batch
+    from anaus_core.train.trainer import build_model, forward_losses, make_generator
     from shards.reader import ShardReader
 
     shards = make_shards(workdir / "shards-masks", count=args.batch_size * 2, size=args.image_size)
@@ -102,7 +102,7 @@ def bench_masks(args, workdir: Path) -> dict:
 
     def train_step(batch, step):
         generator = make_generator(device, step)
-        prepared = prepare_micro_batch(batch, config=config, device=device, generator=generator, channels_last=False)
+        prepared = model.prepare_batch(batch, device=device, generator=generator)
         losses = forward_losses(model, prepared, generator=generator, device=device, amp=args.bf16)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

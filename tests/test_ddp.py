@@ -63,11 +63,11 @@ def _first_batch(config, rank: int, world_size: int, batch_size: int):
 
 
 def _step0_eval_losses(model, batch, config) -> dict[str, torch.Tensor]:
-    from anaus_core.train.trainer import forward_losses, make_generator, prepare_micro_batch
+    from anaus_core.train.trainer import forward_losses, make_generator, unwrap
 
     device = torch.device("cpu")
     generator = make_generator(device, 0)
-    prepared = prepare_micro_batch(batch, config=config, device=device, generator=generator, channels_last=False)
+    prepared = unwrap(model).prepare_batch(batch, device=device, generator=generator)
     with torch.no_grad():
         losses = forward_losses(model, prepared, generator=generator, device=device, amp=False)
     return {key: value.detach() for key, value in losses.items()}

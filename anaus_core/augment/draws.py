@@ -6,7 +6,9 @@ pipeline). Here each quantity is one vectorised call over the batch, driven by o
 (the stream seeds it from (seed, epoch, global batch number), so a batch is reproducible
 whichever worker makes it and after a resume). The distributions are those of the per-sample
 code: torchvision's ``RandomResizedCrop.get_params`` (``geometry.sample_resized_crop``), flips
-with probability ``flip_p``, K ids with replacement ∝ area in both views (``sampling``).
+with probability ``flip_p``, K ids with replacement ∝ area in both views (``sampling``), from the
+masks present in both views (``ViewConfig.mask_presence="both"``, default) or in either
+(``"either"``, DetCon's draw).
 
 Mask areas per view come from the stored area-fraction pyramid (``sampling_area="grid"``: one
 batched matrix product for all samples and both views) or from exact pixel counts.
@@ -31,7 +33,7 @@ class BatchDraws:
         crops: int64 (B, 2, 4) (top, left, height, width) of view 1 and view 2, original pixels.
         flips: bool (B, 2).
         chosen: int64 (B, K) index of each slot's mask in its sample's mask list; -1 = no mask
-            (the image has no mask present in either view).
+            (the image has no mask present in both views, or in either with ``"either"``).
         core: int64 (B, 4) the overlap of both crops (zeros where ``core_valid`` is False).
         core_valid: bool (B,).
     """
@@ -216,7 +218,12 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
         areas[by_count, :found.shape[1]] = found
     # weights in view pixels: what the loss sees after each crop is resized to S×S
     per_view = config.size ** 2 / (crops[..., 2] * crops[..., 3]).astype(np.float64)     # (B, 2)
-    weights = (areas * per_view[:, None, :]).sum(axis=2)
+    view_areas = areas * per_view[:, None, :]                                            # (B, M, 2)
+    weights = view_areas.sum(axis=2)
+    if getattr(config, "mask_presence", "either") == "both":
+        # only masks visible in both views: every slot then has its positive in the other view
+        threshold = max(float(getattr(config, "min_view_area", 1.0)), np.finfo(np.float64).tiny)
+        weights = np.where((view_areas >= threshold).all(axis=2), weights, 0.0)
     chosen = sample_mask_slots(weights, config.num_mask_samples, rng)
 
     top = np.maximum(crops[:, 0, 0], crops[:, 1, 0])

@@ -7,9 +7,11 @@ resulting categorical distribution") and DetCon do; an image with fewer than K m
 repeats ids, and the loss must treat equal (image, id) pairs as the same instance (never as
 negatives of each other) — ``mask_ids`` carries what it needs for that.
 
-"Present" means non-empty in at least one of the two views; the weight of a mask is its total
-area in both views, measured in view pixels (area inside the crop × S² / crop area), so a mask
-that is large on screen in either view is sampled often, one cut away by both crops never.
+"Present" means at least ``ViewConfig.min_view_area`` view pixels in BOTH views
+(``mask_presence="both"``, the default: every slot has a positive), or non-empty in at least one
+view (``"either"``, DetCon's draw); the weight of a present mask is its total area in both views,
+measured in view pixels (area inside the crop × S² / crop area). The batch draw
+(``draws.draw_batch``) applies the rule; these per-sample helpers are its reference.
 """
 
 from __future__ import annotations

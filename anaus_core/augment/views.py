@@ -82,6 +82,12 @@ class ViewConfig:
     # training device; workers only decode and draw). "auto" = device on CUDA, worker otherwise:
     # on a CPU-only run the main process would do the resizing, which is slower.
     geometry: str = "auto"
+    # Which masks the K slots are drawn from: "both" = masks present in both views (each slot then
+    # has a positive in the other view), "either" = present in at least one view (DetCon's draw;
+    # a mask in one view only has no positive and wastes its slot). Present = at least
+    # ``min_view_area`` view pixels (area inside the crop x S^2 / crop area).
+    mask_presence: str = "both"
+    min_view_area: float = 1.0
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size % 8:
@@ -96,6 +102,10 @@ class ViewConfig:
             raise ValueError(f"num_mask_samples must be >= 1, got {self.num_mask_samples}")
         if self.sampling_area not in ("grid", "exact"):
             raise ValueError(f"sampling_area must be 'grid' or 'exact', got {self.sampling_area!r}")
+        if self.mask_presence not in ("both", "either"):
+            raise ValueError(f"mask_presence must be 'both' or 'either', got {self.mask_presence!r}")
+        if self.min_view_area < 0:
+            raise ValueError(f"min_view_area must be >= 0, got {self.min_view_area}")
         if self.geometry not in ("auto", "worker", "device"):
             raise ValueError(f"geometry must be 'auto', 'worker' or 'device', got {self.geometry!r}")
 

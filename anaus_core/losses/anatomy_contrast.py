@@ -16,7 +16,9 @@ Same formulation as DeepMind ``byol_nce_detcon`` and ``lightly.loss.DetConBLoss`
   With every entry valid the loss equals DeepMind's / lightly's exactly.
 
 Targets are gathered across ranks with ``torch.distributed.all_gather`` when a process group is
-initialised (identity otherwise); no gradient flows through targets. The loss is computed in
+initialised (identity otherwise), or passed in already gathered for the whole optimiser step
+(``global_targets``: gradient accumulation keeps the global batch's negatives); no gradient
+flows through targets. The loss is computed in
 float32 with autocast disabled.
 """
 
@@ -107,22 +109,32 @@ def anatomy_contrastive_loss(
     temperature: float = 0.1,
     symmetric: bool = True,
     gather: bool = True,
+    global_targets: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    image_offset: int = 0,
 ) -> Tensor:
     """DetCon-B InfoNCE between mask-pooled predictions and targets of two views.
 
     Args:
         pred1, pred2: online predictions (B, K, D) of view 1 / 2.
-        target1, target2: target projections (B, K, D) of view 1 / 2 (detached here).
+        target1, target2: target projections (B, K, D) of view 1 / 2 (detached here); ignored
+            when ``global_targets`` is given.
         ids1, ids2: int (B, K) mask ids per view (AnaUS passes the same tensor twice).
         valid1, valid2: bool (B, K), entries with a non-empty mask (default: all valid).
         temperature: tau in eq. 5.
         symmetric: ``loss_a + loss_b`` (l + l~); False keeps only view 1 -> view 2 (``loss_a``).
         gather: gather targets (and validity) across ranks when distributed.
+        global_targets: ``(T1, T2, V1, V2)``, the target projections (N, K, D) and validity
+            (N, K) of the whole global batch — every micro-batch of the optimiser step on every
+            rank, already gathered — whose rows ``image_offset .. image_offset + B`` are this
+            micro-batch's images. The negatives are then the global batch's, as the paper
+            describes, also under gradient accumulation. No gather is done here.
+        image_offset: global index of this micro-batch's first image in ``global_targets``.
 
     Returns:
         Scalar float32 loss.
     """
-    if pred1.shape != pred2.shape or pred1.shape != target1.shape or pred1.shape != target2.shape:
+    if pred1.shape != pred2.shape or (global_targets is None and (pred1.shape != target1.shape
+                                                                   or pred1.shape != target2.shape)):
         raise ValueError("anatomy_contrastive_loss: predictions and targets must all be (B, K, D)")
     if valid1 is None:
         valid1 = torch.ones(ids1.shape, dtype=torch.bool, device=pred1.device)
@@ -132,21 +144,31 @@ def anatomy_contrastive_loss(
     with torch.autocast(device_type=device_type, enabled=False):
         pred1 = F.normalize(pred1.float(), dim=-1)
         pred2 = F.normalize(pred2.float(), dim=-1)
-        target1 = F.normalize(target1.detach().float(), dim=-1)
-        target2 = F.normalize(target2.detach().float(), dim=-1)
         batch = pred1.shape[0]
-        world_size, rank = _world() if gather else (1, 0)
-        if world_size > 1:
-            targets = gather_across_ranks(torch.stack([target1, target2], dim=1))  # (BW, 2, K, D)
-            valids = gather_across_ranks(torch.stack([valid1, valid2], dim=1).to(torch.uint8)).bool()
-            target1_all, target2_all = targets[:, 0], targets[:, 1]
-            valid1_all, valid2_all = valids[:, 0], valids[:, 1]
+        if global_targets is not None:
+            target1_all, target2_all, valid1_all, valid2_all = global_targets
+            target1_all = F.normalize(target1_all.detach().float(), dim=-1)
+            target2_all = F.normalize(target2_all.detach().float(), dim=-1)
+            valid1_all, valid2_all = valid1_all.bool(), valid2_all.bool()
+            columns, first = target1_all.shape[0], int(image_offset)
+            if target1_all.shape[1:] != pred1.shape[1:] or first < 0 or first + batch > columns:
+                raise ValueError("anatomy_contrastive_loss: global_targets do not hold this micro-batch")
         else:
-            target1_all, target2_all, valid1_all, valid2_all = target1, target2, valid1, valid2
-        global_index = torch.arange(batch, device=pred1.device) + rank * batch
-        own_image = F.one_hot(global_index, num_classes=batch * world_size).float()
+            target1 = F.normalize(target1.detach().float(), dim=-1)
+            target2 = F.normalize(target2.detach().float(), dim=-1)
+            world_size, rank = _world() if gather else (1, 0)
+            if world_size > 1:
+                targets = gather_across_ranks(torch.stack([target1, target2], dim=1))  # (BW, 2, K, D)
+                valids = gather_across_ranks(torch.stack([valid1, valid2], dim=1).to(torch.uint8)).bool()
+                target1_all, target2_all = targets[:, 0], targets[:, 1]
+                valid1_all, valid2_all = valids[:, 0], valids[:, 1]
+            else:
+                target1_all, target2_all, valid1_all, valid2_all = target1, target2, valid1, valid2
+            columns, first = batch * world_size, rank * batch
+        global_index = torch.arange(batch, device=pred1.device) + first
+        own_image = F.one_hot(global_index, num_classes=columns).float()
         # ids are only compared within one image (positives and self-matches need j == own
-        # image), so other ranks' ids are never needed: the local ids of the other view suffice
+        # image), so other images' ids are never needed: the local ids of the other view suffice
         loss = _one_direction(
             pred1, ids1, valid1, target2_all, ids2, valid2_all, target1_all, valid1_all,
             own_image, temperature,

@@ -11,8 +11,9 @@ Formulas and conventions: ``docs/objectives.md``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from anaus_core.augment.damage import DamageSettings, damage
 from anaus_core.config import ConfigError, apply_overrides
-from anaus_core.losses.anatomy_contrast import anatomy_contrastive_loss
+from anaus_core.losses.anatomy_contrast import _world, anatomy_contrastive_loss, gather_across_ranks
 from anaus_core.losses.byol import symmetric_byol_loss
 from anaus_core.losses.context import context_prediction_loss
 from anaus_core.losses.mask_pooling import downsample_masks, mask_pool
@@ -102,22 +103,54 @@ class AnaUSConfig:
             raise ConfigError(f"model: {exc}") from None
 
 
-def _project_rows(head: MLPHead, vectors: Tensor, index: Tensor) -> Tensor:
-    """Apply ``head`` to the rows ``index`` of (N, K, C) flattened -> (N, K, D); other rows are zero.
+def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor) -> Tensor:
+    """Apply ``head`` to the valid rows of (N, K, C) -> (N, K, D); other rows are zero.
 
-    ``index`` lists the valid (non-empty mask) rows: only real mask-pooled vectors enter the
-    head, so empty masks do not bias BatchNorm statistics. With fewer than two valid rows
-    (BatchNorm needs two) all rows go through; they carry zero loss weight anyway, and every
-    head parameter stays in the graph (DDP).
+    ``valid`` (N, K) marks the rows holding a real (non-empty mask) pooled vector: only they
+    enter the head, so empty masks do not bias BatchNorm statistics. With fewer than two valid
+    rows (BatchNorm needs two) all rows go through; they carry zero loss weight anyway, and
+    every head parameter stays in the graph (DDP).
     """
     batch, num_masks, channels = vectors.shape
     rows = vectors.reshape(batch * num_masks, channels)
+    index = valid.reshape(-1).nonzero().squeeze(1)
     if index.numel() < 2:
         return head(rows).reshape(batch, num_masks, -1)
     projected = head(rows.index_select(0, index))
     out = projected.new_zeros((batch * num_masks, projected.shape[-1]))
     out = out.index_copy(0, index, projected)
     return out.reshape(batch, num_masks, -1)
+
+
+def _step_offsets(sizes: Sequence[int]) -> list[int]:
+    """Global index of each micro-batch's first image: rank-major, then micro-batch order (the
+    order ``all_gather`` concatenates the ranks' step batches in)."""
+    _, rank = _world()
+    first = rank * sum(sizes)
+    offsets = []
+    for size in sizes:
+        offsets.append(first)
+        first += size
+    return offsets
+
+
+def _gather_step_targets(per_batch: Sequence[Mapping[int, tuple[Tensor, Tensor]]],
+                         sizes: Sequence[int]) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per scale ``(T1, T2, V1, V2)`` of the whole step: the micro-batches' view-1 / view-2 target
+    projections (N, K, D) and validity (N, K), concatenated, then gathered over ranks."""
+    out = {}
+    for scale in per_batch[0]:
+        t1 = torch.cat([p[scale][0][:n] for p, n in zip(per_batch, sizes)])
+        t2 = torch.cat([p[scale][0][n:] for p, n in zip(per_batch, sizes)])
+        v1 = torch.cat([p[scale][1][:n] for p, n in zip(per_batch, sizes)])
+        v2 = torch.cat([p[scale][1][n:] for p, n in zip(per_batch, sizes)])
+        world_size, _ = _world()
+        if world_size > 1:
+            targets = gather_across_ranks(torch.stack([t1, t2], dim=1))
+            valids = gather_across_ranks(torch.stack([v1, v2], dim=1).to(torch.uint8)).bool()
+            t1, t2, v1, v2 = targets[:, 0], targets[:, 1], valids[:, 0], valids[:, 1]
+        out[scale] = (t1, t2, v1, v2)
+    return out
 
 
 def _mask_pyramid(masks: Tensor, sizes: dict[int, tuple[int, int]]) -> dict[int, Tensor]:
@@ -132,6 +165,37 @@ def _mask_pyramid(masks: Tensor, sizes: dict[int, tuple[int, int]]) -> dict[int,
         out[scale] = downsample_masks(source, size)
         previous = out[scale]
     return out
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
+    """Inside the block, ``module``'s BatchNorm layers still normalise with batch statistics
+    (train mode) but their running statistics (and ``num_batches_tracked``) are left as they
+    were: a forward pass inside leaves no trace in the exported statistics.
+
+    Each layer updates a scratch copy of its buffers, and the original tensors are put back
+    afterwards. (Writing the old values back in place would not do: the autograd graph of the
+    forward holds the running statistics and checks that they are not modified before the
+    backward. Toggling ``momentum`` would make ``torch.compile`` recompile: it guards module
+    attributes.)
+    """
+    layers = [layer for layer in module.modules()
+              if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats]
+    if not layers or not module.training:
+        yield
+        return
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    saved = [{name: getattr(layer, name) for name in names} for layer in layers]
+    for layer, originals in zip(layers, saved):
+        for name, tensor in originals.items():
+            if tensor is not None:
+                setattr(layer, name, tensor.clone())
+    try:
+        yield
+    finally:
+        for layer, originals in zip(layers, saved):
+            for name, tensor in originals.items():
+                setattr(layer, name, tensor)
 
 
 class AnaUSModel(nn.Module):
@@ -162,6 +226,7 @@ class AnaUSModel(nn.Module):
         for parameter in list(self.target_encoder.parameters()) + list(self.target_projectors.parameters()):
             parameter.requires_grad_(False)
         self.damage_settings = config.damage_settings()
+        self._step_targets: dict | None = None   # set by precompute_step_targets, used by forward
 
     # -- accessors used by the trainer / export -----------------------------------------------
     @property
@@ -185,21 +250,73 @@ class AnaUSModel(nn.Module):
         ema_update_(self.target_encoder, self.online_encoder, momentum)
         ema_update_(self.target_projectors, self.projectors, momentum)
 
+    # -- targets of the whole optimiser step ----------------------------------------------------
+    @torch.no_grad()
+    def _target_projections(self, batch: Mapping[str, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per contrast scale: target projections (2B, K, D) of [view1; view2] and their
+        validity (2B, K) (mask non-empty at that scale and present in that view)."""
+        views = torch.cat([batch["view1"], batch["view2"]], dim=0)
+        target_maps = self.target_encoder(views)
+        cell_masks, present = self._cell_masks(batch, {s: target_maps[s] for s in self.contrast_scales})
+        out: dict[int, tuple[Tensor, Tensor]] = {}
+        for scale in self.contrast_scales:
+            pooled, area_valid = mask_pool(target_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area)
+            valid = area_valid & present
+            out[scale] = (_project_rows(self.target_projectors[str(scale)], pooled, valid), valid)
+        return out
+
+    @torch.no_grad()
+    def precompute_step_targets(self, batches: Sequence[Mapping[str, Tensor]]) -> None:
+        """Target projections of every micro-batch of the optimiser step (and, distributed, of
+        every rank), computed before the first online forward of the step.
+
+        ``forward`` then takes micro-batch i's negatives from this global batch: with gradient
+        accumulation the contrast is over the global batch the paper describes, not over one
+        micro-batch. The target network does not change within a step (EMA after the step), so
+        these are the projections the forward would compute itself. Consumed by the next
+        ``len(batches)`` forwards, in order.
+        """
+        self._step_targets = None
+        if self.config.objective != "anaus" or not batches:
+            return
+        per_batch = [self._target_projections(batch) for batch in batches]
+        sizes = [int(batch["view1"].shape[0]) for batch in batches]
+        self._step_targets = {"targets": _gather_step_targets(per_batch, sizes), "sizes": sizes, "next": 0,
+                              "offsets": _step_offsets(sizes)}
+
+    def _next_step_targets(self, batch: Mapping[str, Tensor]) -> tuple[dict[int, tuple[Tensor, ...]], int]:
+        """(global targets per scale, this micro-batch's offset): the precomputed ones in order,
+        else this batch's own (one micro-batch per step, the path of a plain ``model(batch)``)."""
+        pending = getattr(self, "_step_targets", None)
+        size = int(batch["view1"].shape[0])
+        if pending is not None:
+            index = pending["next"]
+            pending["next"] += 1
+            if pending["next"] >= len(pending["sizes"]):
+                self._step_targets = None
+            if pending["sizes"][index] != size:
+                raise RuntimeError(f"micro-batch {index} has {size} images; begin_step saw {pending['sizes'][index]}")
+            return pending["targets"], pending["offsets"][index]
+        targets = _gather_step_targets([self._target_projections(batch)], [size])
+        return targets, _step_offsets([size])[0]
+
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: Mapping[str, Tensor], *, generator: torch.Generator | None = None,
+                step: int = 0) -> dict[str, Tensor]:
         config = self.config
         view1, view2 = batch["view1"], batch["view2"]
         batch_size = view1.shape[0]
         views = torch.cat([view1, view2], dim=0)
         online_maps = self.online_encoder(views)
-        with torch.no_grad():
-            target_maps = self.target_encoder(views)
 
         losses: dict[str, Tensor] = {}
         if config.objective == "anaus":
-            contrast = self._anatomy_terms(batch, online_maps, target_maps, batch_size)
+            targets, offset = self._next_step_targets(batch)
+            contrast = self._anatomy_terms(batch, online_maps, targets, offset, batch_size)
             prefix = "loss_ana"
         else:
+            with torch.no_grad():
+                target_maps = self.target_encoder(views)
             contrast = self._byol_terms(online_maps, target_maps, batch_size)
             prefix = "loss_byol"
         for scale, value in contrast.items():
@@ -217,13 +334,8 @@ class AnaUSModel(nn.Module):
         losses["loss"] = total
         return {"loss": losses.pop("loss"), **losses}
 
-    def _anatomy_terms(
-        self,
-        batch: Mapping[str, Tensor],
-        online_maps: dict[int, Tensor],
-        target_maps: dict[int, Tensor],
-        batch_size: int,
-    ) -> dict[int, Tensor]:
+    def _cell_masks(self, batch: Mapping[str, Tensor], maps: Mapping[int, Tensor]) -> tuple[dict[int, Tensor], Tensor]:
+        """Area-fraction masks of [masks1; masks2] on each map's grid, and the (2B, K) presence flags."""
         masks = torch.cat([batch["masks1"], batch["masks2"]], dim=0)
         ids = batch["mask_ids"]
         present = torch.cat(
@@ -233,8 +345,19 @@ class AnaUSModel(nn.Module):
             ],
             dim=0,
         ).bool()
-        sizes = {scale: tuple(online_maps[scale].shape[-2:]) for scale in self.contrast_scales}
-        cell_masks = _mask_pyramid(masks, sizes)
+        sizes = {scale: tuple(value.shape[-2:]) for scale, value in maps.items()}
+        return _mask_pyramid(masks, sizes), present
+
+    def _anatomy_terms(
+        self,
+        batch: Mapping[str, Tensor],
+        online_maps: dict[int, Tensor],
+        targets: Mapping[int, tuple[Tensor, Tensor, Tensor, Tensor]],
+        offset: int,
+        batch_size: int,
+    ) -> dict[int, Tensor]:
+        ids = batch["mask_ids"]
+        cell_masks, present = self._cell_masks(batch, {s: online_maps[s] for s in self.contrast_scales})
         terms: dict[int, Tensor] = {}
         for scale in self.contrast_scales:
             key = str(scale)
@@ -242,23 +365,21 @@ class AnaUSModel(nn.Module):
                 online_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area
             )
             valid = area_valid & present
-            rows = valid.reshape(-1).nonzero().squeeze(1)
-            projection = _project_rows(self.projectors[key], online_pooled, rows)
-            prediction = _project_rows(self.predictors[key], projection, rows)
-            with torch.no_grad():
-                target_pooled, _ = mask_pool(target_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area)
-                target_projection = _project_rows(self.target_projectors[key], target_pooled, rows)
+            projection = _project_rows(self.projectors[key], online_pooled, valid)
+            prediction = _project_rows(self.predictors[key], projection, valid)
             terms[scale] = anatomy_contrastive_loss(
                 prediction[:batch_size],
                 prediction[batch_size:],
-                target_projection[:batch_size],
-                target_projection[batch_size:],
+                prediction[:batch_size],   # unused: the targets come from global_targets
+                prediction[batch_size:],
                 ids,
                 ids,
                 valid[:batch_size],
                 valid[batch_size:],
                 temperature=self.config.temperature,
                 symmetric=self.config.symmetric,
+                global_targets=targets[scale],
+                image_offset=offset,
             )
         return terms
 
@@ -285,7 +406,11 @@ class AnaUSModel(nn.Module):
         core = batch["core"]
         core_valid = batch.get("core_valid")
         damaged = damage(core, settings=self.damage_settings, generator=generator)
-        online_maps = self.online_encoder(damaged)
+        # damaged, un-augmented core crops must not shape the exported encoder's BatchNorm
+        # running statistics (downstream heads that freeze BN inherit them): batch statistics
+        # normalise this forward as usual, the running statistics come from the clean views only
+        with frozen_batchnorm_statistics(self.online_encoder):
+            online_maps = self.online_encoder(damaged)
         with torch.no_grad():
             target_maps = self.target_encoder(core)
         return {
@@ -301,12 +426,16 @@ def build_anaus_model(config: AnaUSConfig | Mapping[str, Any] | None = None) -> 
     elif isinstance(config, Mapping):
         config = apply_overrides(AnaUSConfig(), dict(config))
     config.validate()
+    return AnaUSModel(config=config, encoder=build_encoder(config))
+
+
+def build_encoder(config: AnaUSConfig) -> ResNetFPN:
+    """The online ResNet-FPN of ``config`` (random init, or ``pretrained_weights``)."""
     # without L_ctx only the contrast scales need features (e.g. no FPN for scale 7 alone)
     encoder_scales = tuple(config.scales) if config.context else config.contrast_scales()
-    encoder = build_resnet_fpn(
+    return build_resnet_fpn(
         arch=config.arch,
         scales=encoder_scales,
         fpn_channels=config.fpn_channels,
         pretrained_weights=config.pretrained_weights,
     )
-    return AnaUSModel(config=config, encoder=encoder)

@@ -71,9 +71,11 @@ class PretrainConfig:
 
     ``views``: crop geometry and mask sampling done in the loader workers (``size`` = S,
     ``num_mask_samples`` = K). ``augment``: the batched photometric ops on the device.
-    ``model``: encoder, heads, objective and ablation switches (incl. ``sync_batchnorm``).
+    ``model``: encoder, heads, objective and ablation switches of AnaUS (incl. ``sync_batchnorm``).
+    ``method``: which ``anaus_core.methods`` method trains (each method reads its own section).
     """
 
+    method: str = "anaus"            # pre-training method (anaus_core.methods): "anaus", "avit"
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     augment: DeviceAugmentConfig = field(default_factory=DeviceAugmentConfig)
@@ -85,6 +87,10 @@ class PretrainConfig:
 def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
     """Cross-field checks that the type coercion cannot express; raises ``ConfigError``."""
     data, optim, run = config.data, config.optim, config.run
+    from anaus_core.methods import METHOD_BUILDERS
+
+    if config.method not in METHOD_BUILDERS:
+        raise ConfigError(f"method: {config.method!r} is not a pre-training method ({', '.join(sorted(METHOD_BUILDERS))})")
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {data.batch_size}")
     if optim.accumulation_steps < 1:

@@ -1,14 +1,19 @@
-"""The ``anaus pretrain`` loop: streaming batches -> device augmentation -> AnaUS losses -> LARS.
+"""The ``anaus pretrain`` loop, shared by every method: streaming batches -> method -> LARS.
 
-One optimiser step::
+The trainer knows a pre-training method only through ``anaus_core.methods.PretrainMethod``
+(``config.method`` picks it). One optimiser step::
 
     for each of accumulation_steps micro-batches:
-        batch    = next(loader)                       # timed: data-wait
-        prepared = prepare_batch(batch, generator=g)  # photometric ops + mask unpacking on device
-        losses   = model(prepared, generator=g)       # bf16 autocast on CUDA only
-        (losses["loss"] / accumulation_steps).backward()   # DDP all-reduces on the last one
+        batch    = next(loader)                                # timed: data-wait
+        prepared = method.prepare_batch(batch, generator=g)    # e.g. photometric ops on the device
+    method.begin_step(all prepared micro-batches)              # e.g. target projections of the step
+    for each micro-batch:
+        outputs  = method(prepared, generator=g, step=step)    # bf16 autocast on CUDA only
+        (outputs["loss"] / accumulation_steps).backward()      # DDP all-reduces on the last one
     lr = cosine_schedule_with_warmup(step)   -> LARS step
-    model.update_target(cosine_momentum(step))          # EMA exactly once, after the step
+    method.after_optimizer_step(step, total)                   # EMA exactly once, after the step
+
+The 0-d outputs are summed on the device and read back only at log steps.
 
 Randomness is keyed, not streamed: the generator of a micro-batch is seeded from
 ``(seed, step, micro_step, rank)``, so a resumed run draws the same augmentations and damage as an
@@ -143,24 +148,30 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
 
 
 # -------------------------------------------------------------------------------------------
-# model / optimiser construction (SSL-core helper's APIs)
+# method / optimiser construction (the method itself: anaus_core.methods)
 # -------------------------------------------------------------------------------------------
 
 def build_model(config: PretrainConfig):
-    """``build_anaus_model(config.model)`` with the run seed applied first, so every rank
-    starts from identical weights."""
-    from anaus_core.models import build_anaus_model
+    """``build_method(config)`` with the run seed applied first, so every rank starts from
+    identical weights."""
+    from anaus_core.methods import build_method
 
     torch.manual_seed(config.run.seed)
-    return build_anaus_model(config.model)
+    return build_method(config)
 
 
-def build_optimizer(model, config: PretrainConfig, peak_lr: float):
-    """LARS over the trainable parameters; biases and norm parameters get no weight decay and
-    no LARS adaptation (SPEC §6)."""
-    from anaus_core.optim import build_lars, param_groups_excluding_norm_and_bias
+def build_optimizer(method, config: PretrainConfig, peak_lr: float):
+    """LARS over the method's parameter groups; a group with ``lars_exclude`` (biases, norm
+    parameters) gets no weight decay and no LARS adaptation (SPEC §6)."""
+    from anaus_core.optim import build_lars
 
-    groups = param_groups_excluding_norm_and_bias(model, weight_decay=config.optim.weight_decay)
+    groups = []
+    for group in unwrap(method).optimizer_param_groups():
+        group = dict(group)
+        exclude = bool(group.pop("lars_exclude", False))
+        group["lars_adaptation"] = not exclude
+        group.setdefault("weight_decay", 0.0 if exclude else config.optim.weight_decay)
+        groups.append(group)
     return build_lars(groups, lr=peak_lr, momentum=config.optim.sgd_momentum,
                       weight_decay=config.optim.weight_decay, eta=config.optim.lars_eta)
 
@@ -172,40 +183,25 @@ def learning_rate(step: int, schedule: Schedule, config: PretrainConfig) -> floa
                                              schedule.peak_lr, config.optim.final_lr))
 
 
-def ema_momentum(step: int, schedule: Schedule, config: PretrainConfig) -> float:
-    from anaus_core.optim import cosine_momentum
-
-    return float(cosine_momentum(step, schedule.total_steps, base=config.optim.ema_base))
-
-
 def unwrap(model):
-    """The ``AnaUSModel`` inside a DDP wrapper (or the model itself)."""
+    """The method inside a DDP wrapper (or the method itself)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def prepare_micro_batch(batch: Mapping[str, torch.Tensor], *, config: PretrainConfig, device: torch.device,
-                        generator: torch.Generator, channels_last: bool) -> dict[str, torch.Tensor]:
-    """Move a collated CPU batch to the device and run the batched photometric augmentation."""
-    from anaus_core.augment.device import prepare_batch
-
-    prepared = prepare_batch(batch, device=device, generator=generator, config=config.augment)
-    if channels_last:
-        prepared = {key: value.contiguous(memory_format=torch.channels_last)
-                    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
-                    and key in ("view1", "view2", "core") else value
-                    for key, value in prepared.items()}
-    return prepared
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast when ``amp`` is on and the device is CUDA (never on CPU)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def forward_losses(model, prepared: Mapping[str, torch.Tensor], *, generator: torch.Generator,
-                   device: torch.device, amp: bool) -> dict[str, torch.Tensor]:
+                   device: torch.device, amp: bool, step: int = 0) -> dict[str, torch.Tensor]:
     """``model(prepared)`` under bf16 autocast when ``amp`` is on and the device is CUDA."""
-    use_amp = amp and device.type == "cuda"
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-    with autocast:
-        losses = model(prepared, generator=generator)
+    with _autocast(device, amp):
+        losses = model(prepared, generator=generator, step=step)
     if "loss" not in losses:
-        raise RuntimeError("the model's forward must return a dict with a 'loss' entry")
+        raise RuntimeError("the method's forward must return a dict with a 'loss' entry")
     return losses
 
 
@@ -235,6 +231,18 @@ def _check_run_dir(run_dir: Path, resume_path: Path | None) -> None:
         raise UserInputError(f"{run_dir}: already holds a run ({last}); pass --resume to continue it or choose a new --out")
 
 
+def _saved_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with today's defaults for fields it predates (a checkpoint from
+    before ``method`` existed is an AnaUS run)."""
+    from anaus_core.config import _from_mapping
+
+    saved = dict(checkpoint.get("config", {}))
+    try:
+        return config_to_dict(_from_mapping(PretrainConfig, saved, ""))
+    except Exception:  # an unreadable config is reported by the comparison itself
+        return saved
+
+
 def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -247,7 +255,7 @@ def _config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
 
 
 # Changing these mid-run would change the maths of the run being resumed, not just its length.
-_RESUME_LOCKED = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "views.", "augment.", "model.",
+_RESUME_LOCKED = ("method", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "views.", "augment.", "model.",
                   "run.seed", "optim.accumulation_steps")
 
 
@@ -292,6 +300,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
     accumulation = config.optim.accumulation_steps
 
     model = build_model(config)
+    # a run-level switch kept in the model section; converting a model without BatchNorm is a no-op
     if config.model.sync_batchnorm and context.distributed:
         if not on_cuda:
             raise UserInputError("model.sync_batchnorm: SyncBatchNorm needs CUDA devices (NCCL); turn it off for CPU runs")
@@ -305,7 +314,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
     step, epoch, batches_done = 0, 0, 0
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, map_location=device)
-        locked = [d for d in _config_differences(checkpoint.get("config", {}), config_to_dict(config))
+        locked = [d for d in _config_differences(_saved_config(checkpoint), config_to_dict(config))
                   if d.startswith(_RESUME_LOCKED)]
         if locked:
             raise UserInputError(f"{resume_path}: cannot resume with a different " + "; ".join(locked))
@@ -325,7 +334,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
     if context.distributed:
         ddp_kwargs = {"device_ids": [device.index]} if on_cuda else {}
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=_needs_unused_parameter_search(model), **ddp_kwargs)
+            model, find_unused_parameters=bool(model.has_unused_parameters()), **ddp_kwargs)
     else:
         train_model = model
     train_model.train()
@@ -356,7 +365,9 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                     batches = iter(data.loader(epoch=epoch, skip_batches=batches_done, batch_size=schedule.micro_batch,
                                                rank=context.rank, world_size=context.world_size))
                 optimizer.zero_grad(set_to_none=True)
-                step_losses: dict[str, torch.Tensor] = {}
+                # every micro-batch of the step is read and prepared first, so that the method can
+                # see the whole step (begin_step: e.g. target projections of the global batch)
+                prepared_batches, generators = [], []
                 for micro in range(accumulation):
                     wait_start = time.perf_counter()
                     try:
@@ -369,16 +380,25 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                     batches_done += 1
                     result.batches_seen += 1
                     generator = make_generator(device, micro_step_seed(config.run.seed, step, micro, context.rank))
-                    prepared = prepare_micro_batch(batch, config=config, device=device, generator=generator,
-                                                   channels_last=use_channels_last)
+                    prepared_batches.append(model.prepare_batch(batch, device=device, generator=generator))
+                    generators.append(generator)
+                    del batch
+                with _autocast(device, config.run.amp):
+                    model.begin_step(prepared_batches, generators=generators, step=step)
+                step_values: dict[str, torch.Tensor] = {}
+                for micro in range(accumulation):
+                    prepared, generator = prepared_batches[micro], generators[micro]
+                    prepared_batches[micro] = None  # free each micro-batch once used
                     sync = (micro == accumulation - 1) or not context.distributed
                     with (contextlib.nullcontext() if sync else train_model.no_sync()):
-                        losses = forward_losses(train_model, prepared, generator=generator, device=device,
-                                                amp=config.run.amp)
-                        (losses["loss"] / accumulation).backward()
-                    for key, value in losses.items():
-                        if key.startswith("loss") and isinstance(value, torch.Tensor):
-                            step_losses[key] = step_losses.get(key, 0.0) + value.detach().float() / accumulation
+                        outputs = forward_losses(train_model, prepared, generator=generator, device=device,
+                                                 amp=config.run.amp, step=step)
+                        (outputs["loss"] / accumulation).backward()
+                    # accumulated on the device: read back only at log steps (no sync in the step)
+                    for key, value in outputs.items():
+                        if isinstance(value, torch.Tensor) and value.dim() == 0:
+                            step_values[key] = step_values.get(key, 0.0) + value.detach().float() / accumulation
+                    del prepared, outputs
 
                 lr = learning_rate(step, schedule, config)
                 for group in optimizer.param_groups:
@@ -386,14 +406,13 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                 if config.optim.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
                 optimizer.step()
-                momentum = ema_momentum(step, schedule, config)
-                model.update_target(momentum)
+                method_logs = model.after_optimizer_step(step=step, total_steps=schedule.total_steps)
                 step += 1
                 window.add_step(global_images_per_step)
                 progress.advance(step, window)
 
                 if step % config.run.log_every == 0 or step == end_step:
-                    record = _log_record(step, epoch, step_losses, lr, momentum, window, context, device)
+                    record = _log_record(step, epoch, step_values, lr, method_logs, window, context, device)
                     if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss")):
                         metrics.log(record)
                         raise RuntimeError(f"non-finite loss at step {step}: "
@@ -427,13 +446,6 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
     return result
 
 
-def _needs_unused_parameter_search(model) -> bool:
-    """Ablations that switch a loss term off leave its head without gradients; DDP must then
-    search for unused parameters (a small cost, so only when needed)."""
-    flag = getattr(model, "has_unused_parameters", None)
-    return bool(flag() if callable(flag) else flag) if flag is not None else False
-
-
 def _broadcast_path(path: Path | None, context: DistributedContext) -> Path | None:
     from anaus_core.train.distributed import broadcast_object
 
@@ -441,8 +453,11 @@ def _broadcast_path(path: Path | None, context: DistributedContext) -> Path | No
     return Path(value) if value is not None else None
 
 
-def _log_record(step: int, epoch: int, step_losses: Mapping[str, torch.Tensor], lr: float, momentum: float,
-                window: WindowTimer, context: DistributedContext, device: torch.device) -> dict[str, Any]:
+def _log_record(step: int, epoch: int, step_losses: Mapping[str, torch.Tensor], lr: float,
+                method_logs: Mapping[str, float], window: WindowTimer, context: DistributedContext,
+                device: torch.device) -> dict[str, Any]:
+    """The metrics line of a log step: the step's 0-d outputs (rank means; the only place the
+    host waits for the device), the method's own values, lr and timing."""
     names = sorted(step_losses)
     record: dict[str, Any] = {"step": step, "epoch": epoch}
     if names:
@@ -456,7 +471,7 @@ def _log_record(step: int, epoch: int, step_losses: Mapping[str, torch.Tensor], 
         waits = torch.tensor([timing["data_wait_fraction"]], dtype=torch.float64)
         record["data_wait_fraction_max"] = float(_all_reduce_max(waits, context))
         timing["data_wait_fraction"] = float(all_reduce_mean(waits, context))
-    record.update({"lr": lr, "momentum": momentum, **timing, "peak_rss_mb": _peak_rss_mb(),
+    record.update({"lr": lr, **{k: float(v) for k, v in method_logs.items()}, **timing, "peak_rss_mb": _peak_rss_mb(),
                    "rss_mb": _current_rss_mb()})
     if device.type == "cuda":
         record["cuda_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -476,6 +491,7 @@ def checkpoint_payload(model, optimizer, config: PretrainConfig, schedule: Sched
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
+        "method": getattr(unwrap(model), "name", "anaus"),
         "step": step,
         "epoch": epoch,
         "data_state": {"epoch": epoch, "batches_done": batches_done},
@@ -484,7 +500,7 @@ def checkpoint_payload(model, optimizer, config: PretrainConfig, schedule: Sched
         "optimizer": optimizer.state_dict(),
         "scheduler": {"total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,
                       "peak_lr": schedule.peak_lr, "final_lr": config.optim.final_lr,
-                      "steps_per_epoch": schedule.steps_per_epoch, "ema_base": config.optim.ema_base},
+                      "steps_per_epoch": schedule.steps_per_epoch},
         "rng": capture_rng_state(),
         "config": config_to_dict(config),
     }
@@ -499,18 +515,12 @@ def _save(model, optimizer, config, schedule, step, epoch, batches_done, run_dir
     return path
 
 
-def export_encoder(model, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``encoder.pt`` (torchvision ResNet state dict without ``fc.*``) and ``fpn.pt`` (the
-    online FPN's state dict) into ``out_dir``."""
-    from anaus_core.models import export_encoder_state_dict, export_fpn_state_dict
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = unwrap(model)
-    encoder_path, fpn_path = out_dir / ENCODER_FILENAME, out_dir / FPN_FILENAME
-    torch.save({k: v.detach().cpu() for k, v in export_encoder_state_dict(model).items()}, encoder_path)
-    torch.save({k: v.detach().cpu() for k, v in export_fpn_state_dict(model).items()}, fpn_path)
-    return encoder_path, fpn_path
+def export_encoder(model, out_dir: str | Path) -> tuple[Path, Path | None]:
+    """``method.export(out_dir)``; returns (``encoder.pt``, ``fpn.pt`` or None)."""
+    paths = unwrap(model).export(Path(out_dir))
+    by_name = {path.name: path for path in paths}
+    encoder = by_name.get(ENCODER_FILENAME, paths[0] if paths else None)
+    return encoder, by_name.get(FPN_FILENAME)
 
 
 def export_encoder_from_checkpoint(checkpoint_path: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
