@@ -388,9 +388,31 @@ def shard_data_source(config):
 
     data = config.data
     on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+    batch_transform = None
+    if config.method == "avit":  # A-ViT's multi-crop views, decoded with the store's checks
+        from anaus_core.methods.avit import avit_batch_transform
+        from shards.anatomy_sample import decode_image_and_anatomy
+
+        batch_transform = avit_batch_transform(config, decode=decode_image_and_anatomy)
     return ShardDataSource.open(data.shards, num_workers=data.num_workers, seed=config.run.seed,
                                 view_config=config.views.resolved(on_cuda=on_cuda), shuffle_buffer=data.shuffle_buffer,
-                                pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor)
+                                pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor,
+                                batch_transform=batch_transform)
+
+
+def store_anatomy_categories(config):
+    """``avit.categories`` from the store's manifest (``precompute-masks --anatomy``) when the
+    config names none; a config that lists them (or a resumed run's) is kept as it is."""
+    if config.method != "avit" or config.avit.categories:
+        return config
+    from dataclasses import replace
+
+    from shards.index import MANIFEST_NAME, read_manifest
+
+    if not (Path(config.data.shards) / MANIFEST_NAME).is_file():  # shard URLs without a store: no vocabulary
+        return config
+    categories = read_manifest(config.data.shards).get("anatomy", {}).get("categories", [])
+    return replace(config, avit=replace(config.avit, categories=[c for c in categories if c != "unknown"]))
 
 
 def _init_overrides(init: Optional[str], weights: Optional[Path]) -> dict:
@@ -472,6 +494,7 @@ def pretrain_command(
         raise ConfigError(f"{config_file or 'options'}: {exc}") from None
     if not config.data.shards:
         raise UserInputError("--shards: no shard folder given (option or data.shards in --config)")
+    config = store_anatomy_categories(config)
     result = pretrain(config, out, data=shard_data_source(config), resume=resume_path)
     if result.encoder_path is not None:
         typer.echo(f"pretrain: {result.steps_done} steps; encoder -> {result.encoder_path}; loss curve -> {result.loss_curve}")

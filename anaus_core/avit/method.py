@@ -44,10 +44,7 @@ from anaus_core.avit.multicrop import MultiCropTransform
 from anaus_core.models.ema import ema_update_
 from anaus_core.optim.schedules import cosine_momentum
 
-try:  # the method interface (anaus_core/methods/base.py, from the trainer refactor)
-    from anaus_core.methods.base import PretrainMethod as _MethodBase
-except ImportError:  # pragma: no cover - before the refactor is merged the class stands alone
-    _MethodBase = nn.Module
+from anaus_core.methods.base import PretrainMethod
 
 ENCODER_FILENAME = "encoder.pt"
 ENCODER_META_FILENAME = "encoder.json"
@@ -62,7 +59,7 @@ def local_view_config() -> PhotometricConfig:
     return PhotometricConfig(blur_p=0.5, solarize_p=0.0)
 
 
-class AViTMethod(_MethodBase):
+class AViTMethod(PretrainMethod):
     """A-ViT behind the pre-training method interface.
 
     Args (keyword-only):
@@ -108,6 +105,25 @@ class AViTMethod(_MethodBase):
         self.discriminator = build_patch_discriminator(in_channels=3, channels=config.disc_channels,
                                                        layers=config.disc_layers)
         self._photometric = (self.augment_config.view1, self.augment_config.view2, local_view_config())
+        # the run length, for the teacher-temperature schedule: the trainer passes it to
+        # after_optimizer_step only, so it is remembered (and checkpointed: get_extra_state)
+        self._total_steps = 0
+
+    def get_extra_state(self) -> dict:
+        return {"total_steps": self._total_steps}
+
+    def set_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._total_steps = int(state.get("total_steps", 0))
+
+    def teacher_temperature(self, step: int, total_steps: int | None = None) -> float:
+        """DINO's schedule at ``step``; before the run length is known (step 0 of a fresh run)
+        the warm-up's start value."""
+        config = self.config
+        total = int(total_steps or self._total_steps)
+        if total <= 0:
+            return float(config.warmup_teacher_temp if config.warmup_teacher_temp_fraction > 0 else config.teacher_temp)
+        return teacher_temperature(step, total_steps=total, warmup_fraction=config.warmup_teacher_temp_fraction,
+                                   start=config.warmup_teacher_temp, end=config.teacher_temp)
 
     # -- interface ------------------------------------------------------------------------------
     def optimizer_param_groups(self) -> list[dict]:
@@ -116,7 +132,7 @@ class AViTMethod(_MethodBase):
         groups = param_groups_excluding_norm_and_bias(self, weight_decay=self.weight_decay)
         return [{**group, "lars_exclude": not group.pop("lars_adaptation")} for group in groups]
 
-    def batch_transform(self, seed: int | None = None) -> MultiCropTransform:
+    def batch_transform(self, seed: int | None = None) -> MultiCropTransform:  # type: ignore[override]
         """The loader's picklable multi-crop transform (``shards.stream.PretrainBatchTransform``'s signature)."""
         return MultiCropTransform(self.config.crops, categories=self.config.categories,
                                   seed=self.seed if seed is None else seed)
@@ -184,9 +200,7 @@ class AViTMethod(_MethodBase):
             student_out = self.student_head(torch.cat(student_cls)).float().chunk(2 + locals_.shape[0] // batch)
             with torch.no_grad():
                 teacher_out = self.teacher_head(self.teacher(globals_, anatomy_global)["cls"]).float().chunk(2)
-            temperature = teacher_temperature(step, total_steps=total_steps or getattr(self, "total_steps", 1),
-                                              warmup_fraction=config.warmup_teacher_temp_fraction,
-                                              start=config.warmup_teacher_temp, end=config.teacher_temp)
+            temperature = self.teacher_temperature(step, total_steps)
             loss_dino = self.dino_loss(list(teacher_out), list(student_out), teacher_temp=temperature)
             out["loss_dino"] = loss_dino.detach()
             out["teacher_temp"] = zero.detach() + temperature
@@ -226,7 +240,7 @@ class AViTMethod(_MethodBase):
 
     def after_optimizer_step(self, *, step: int, total_steps: int) -> dict[str, float]:
         """Teacher <- EMA of the student (encoder and head), DINO's cosine momentum."""
-        self.total_steps = int(total_steps)
+        self._total_steps = int(total_steps)
         momentum = float(cosine_momentum(step, total_steps, base=self.config.ema_base))
         ema_update_(self.teacher, self.student, momentum)
         ema_update_(self.teacher_head, self.student_head, momentum)
@@ -259,9 +273,13 @@ class AViTMethod(_MethodBase):
 
 
 def build_avit_method(config: Any) -> AViTMethod:
-    """From a ``PretrainConfig`` (its ``avit``, ``augment``, ``run.seed`` and weight decay)."""
-    avit = getattr(config, "avit", None)
-    if avit is None:
-        raise ValueError("the pretrain config has no 'avit' section")
-    return AViTMethod(config=avit, augment=config.augment, weight_decay=getattr(avit, "weight_decay", 0.04),
+    """From a ``PretrainConfig``: its ``avit`` section, ``augment`` (photometric settings),
+    ``optim.weight_decay`` (the trainer's LARS decay) and ``run.seed`` (crop draws)."""
+    return AViTMethod(config=config.avit, augment=config.augment, weight_decay=config.optim.weight_decay,
                       seed=config.run.seed)
+
+
+def avit_batch_transform(config: Any, *, decode=None) -> MultiCropTransform:
+    """The loader's multi-crop transform of a ``PretrainConfig`` (what ``AViTMethod.batch_transform``
+    gives, without building the model); ``decode`` = the store's verifying decoder."""
+    return MultiCropTransform(config.avit.crops, categories=config.avit.categories, seed=config.run.seed, decode=decode)
