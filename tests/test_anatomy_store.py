@@ -4,7 +4,6 @@ adding it to an existing store re-runs only the pack stage."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

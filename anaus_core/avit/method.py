@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from anaus_core.augment.device import DeviceAugmentConfig, normalize_gray
-from anaus_core.augment.photometric import PhotometricConfig, apply_params, byol_view_configs, sample_params
+from anaus_core.augment.photometric import PhotometricConfig, apply_params, sample_params
 from anaus_core.avit.adversarial import (
     adaptive_weight,
     build_patch_discriminator,
