@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from anaus_core.augment.device import DeviceAugmentConfig, normalize_gray
 from anaus_core.augment.photometric import PhotometricConfig, apply_params, sample_params
