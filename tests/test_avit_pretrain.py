@@ -129,3 +129,15 @@ def test_two_gloo_ranks_see_equal_batches_and_stay_in_sync(anatomy_store, tmp_pa
     assert reports[0]["center"] == pytest.approx(reports[1]["center"])   # DINO centre all-reduced
     assert reports[0]["losses"] == reports[1]["losses"]          # the logged loss is the rank mean
     assert (tmp_path / "run" / "encoder.pt").is_file() and (tmp_path / "run" / "acdt.pt").is_file()
+
+
+@pytest.mark.gpu
+def test_tiny_avit_trains_on_cuda_with_bf16(anatomy_store, tmp_path):
+    """bf16 autocast + channels_last on CUDA: finite losses, an export that loads into timm."""
+    from anaus_core.avit.backbone import build_vit
+
+    config = _config(anatomy_store, **{"run.device": "cuda", "run.amp": True, "run.channels_last": True})
+    result = pretrain(config, tmp_path / "run", data=_source(config))
+    assert result.steps_done == 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.records)
+    build_vit(size="micro", img_size=32, patch_size=8).load_state_dict(torch.load(tmp_path / "run" / "encoder.pt"), strict=True)

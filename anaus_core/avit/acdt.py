@@ -88,8 +88,10 @@ class DeformableTokenBlock(nn.Module):
         return self.offset_out(hidden)
 
     def deformable_features(self, features: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        # deform_conv2d has no bf16 CPU/CUDA kernel in every build: run it in float32
-        return deform_conv2d(features.float(), offsets.float(), self.deform_weight.float(), self.deform_bias.float(),
+        # deform_conv2d has no bf16 kernel in every build: run it in float32; contiguous because
+        # the trainer may have put the 4-D weight in channels_last on CUDA
+        return deform_conv2d(features.float().contiguous(), offsets.float().contiguous(),
+                             self.deform_weight.float().contiguous(), self.deform_bias.float(),
                              padding=self.kernel_size // 2).to(features.dtype)
 
     def forward(self, tokens: torch.Tensor, anatomy: torch.Tensor | None, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
