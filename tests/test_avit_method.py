@@ -108,7 +108,8 @@ def test_tiny_avit_trains_on_cpu(variant):
     optimizer = _optimizer(method)
     history = [_step(method, optimizer, step, 12)[0] for step in range(12)]
     assert all(np.isfinite(list(h.values())).all() for h in history)
-    assert {"loss", "loss_dino", "loss_mim", "loss_adv", "loss_disc", "adv_lambda"} <= set(history[0])
+    assert {"loss", "loss_dino", "loss_mim", "loss_adv", "loss_disc", "adv_lambda", "teacher_entropy"} <= set(history[0])
+    assert all(0 <= h["teacher_entropy"] <= np.log(128) + 1e-4 for h in history)
     # the reconstruction improves (every step sees new images and masks: compare averages)
     assert np.mean([h["loss_mim"] for h in history[-4:]]) < np.mean([h["loss_mim"] for h in history[:4]])
     # every trainable parameter got a gradient (no silently dead module)

@@ -201,6 +201,9 @@ class AViTMethod(PretrainMethod):
             with torch.no_grad():
                 teacher_out = self.teacher_head(self.teacher(globals_, anatomy_global)["cls"]).float().chunk(2)
             temperature = self.teacher_temperature(step, total_steps)
+            with torch.no_grad():  # collapse monitor: ~0 = one prototype wins, log K = uniform
+                centred = (torch.stack(teacher_out) - self.dino_loss.center) / temperature
+                out["teacher_entropy"] = torch.special.entr(centred.softmax(dim=-1)).sum(dim=-1).mean()
             loss_dino = self.dino_loss(list(teacher_out), list(student_out), teacher_temp=temperature)
             out["loss_dino"] = loss_dino.detach()
             out["teacher_temp"] = zero.detach() + temperature
