@@ -21,7 +21,7 @@ TINY_AVIT = {
     "avit.decoder_dim": 32, "avit.decoder_heads": 2, "avit.decoder_depth": 1, "avit.disc_channels": 8, "avit.disc_layers": 2,
     "augment.view1.blur_kernel": 5, "augment.view2.blur_kernel": 5,
     "run.device": "cpu", "run.log_every": 1, "run.progress": False, "run.tensorboard": False,
-    "run.steps": 3, "optim.warmup_steps": 1, "optim.base_lr": 0.05,
+    "run.steps": 3, "optim.warmup_steps": 1, "optim.name": "adamw", "optim.base_lr": 0.016, "optim.weight_decay": 0.04,
 }
 # the loss terms the trainer logs for A-ViT
 LOGGED = {"loss", "loss_dino", "loss_mim", "loss_adv", "loss_disc", "adv_lambda", "teacher_temp", "momentum"}
@@ -141,3 +141,18 @@ def test_tiny_avit_trains_on_cuda_with_bf16(anatomy_store, tmp_path):
     assert result.steps_done == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.records)
     build_vit(size="micro", img_size=32, patch_size=8).load_state_dict(torch.load(tmp_path / "run" / "encoder.pt"), strict=True)
+
+
+def test_optimizer_choice(anatomy_store):
+    from anaus_core.optim.lars import LARS
+    from anaus_core.train.trainer import build_model, build_optimizer
+
+    config = _config(anatomy_store)
+    method = build_model(config)
+    adamw = build_optimizer(method, config, 1e-3)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.04, 0.0]   # biases / norms: no decay
+    assert all("lars_adaptation" not in g for g in adamw.param_groups)
+    config.optim.name = "lars"
+    assert isinstance(build_optimizer(method, config, 1e-3), LARS)
+    assert PretrainConfig().optim.name == "lars"                              # AnaUS default unchanged

@@ -46,6 +46,7 @@ class OptimConfig:
     ema_base: float = 0.99           # target EMA decay tau, cosine from ema_base to 1
     accumulation_steps: int = 1      # micro-steps per optimiser step
     grad_clip_norm: Optional[float] = None
+    name: Literal["lars", "adamw"] = "lars"   # adamw: the ViT methods' optimiser (DINO/iBOT/MAE); lars_eta/sgd_momentum unused
 
 
 @dataclass
