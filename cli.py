@@ -160,6 +160,7 @@ def precompute_masks_command(
     scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (tcp://host:8786)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per task and per masker call (default 8)."),
     device: Optional[str] = typer.Option(None, help="Device for model maskers (cpu, cuda, cuda:1)."),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", min=0, help="In-process runs: source batches ingested ahead in threads while the masker runs (default: 2 for sam/lpsam, else 0)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be recomputed per stage, write nothing."),
     strict: bool = typer.Option(False, "--strict", help="Any skipped input fails the run (index left unchanged, exit 3)."),
     gc: bool = typer.Option(False, "--gc", help="Delete cache entries the current corpus no longer uses."),
@@ -194,6 +195,7 @@ def precompute_masks_command(
         "scheduler": scheduler,
         "batch_size": batch_size,
         "device": device,
+        "prefetch": prefetch,
         "dry_run": True if dry_run else None,
         "strict": True if strict else None,
         "gc": True if gc else None,
@@ -338,8 +340,10 @@ def lpsam_predict_command(
     sam_checkpoint: Optional[Path] = typer.Option(None, "--sam-checkpoint", help="The base SAM checkpoint it was trained on."),
     out: Path = typer.Option(..., "--out", help="Output folder: <name>.npz + <name>.json per image, predictions.json."),
     png: bool = typer.Option(False, "--png", help="Also write <name>_overlay.png."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (bf16 autocast on CUDA)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (bf16 on CUDA unless --precision fp32)."),
     batch_size: int = typer.Option(8, "--batch-size"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 (bf16 weights; CUDA default) or bf16-autocast."),
+    compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (CUDA, long runs)."),
     threshold: float = typer.Option(0.5, "--threshold", help="Class-mask probability threshold."),
     min_area: int = typer.Option(16, "--min-area", help="Minimum component / mask area in pixels."),
     max_masks: int = typer.Option(32, "--max-masks", help="At most this many masks per image (residual included)."),
@@ -356,8 +360,12 @@ def lpsam_predict_command(
     files = collect_images(images)
     model, _ = load_lpsam(checkpoint, sam_checkpoint=sam_checkpoint)
     options = PredictorOptions(threshold=threshold, min_area=min_area, amg=amg, amg_points_per_side=amg_points_per_side)
-    predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, options=options)
+    try:
+        predictor = LPSAMPredictor(model, device=resolve_device(device), batch_size=batch_size, precision=precision, compile=compile_model, options=options)
+    except ValueError as exc:
+        raise UserInputError(f"--precision: {exc}") from None
     summary = predict_files(predictor, files, out, png=png, max_masks=max_masks, progress=progress)
+    predictor.close()
     typer.echo(f"{len(summary)} images, {sum(len(r['masks']) for r in summary)} masks -> {out}")
 
 

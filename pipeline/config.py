@@ -43,6 +43,9 @@ class PrecomputeConfig:
     scheduler: Optional[str] = None  # dask.distributed scheduler address, e.g. tcp://host:8786
     batch_size: int = 8  # samples per task (and per masker call)
     device: str = "cpu"
+    # in-process runs: source batches ingested ahead in threads while the masker runs
+    # (pipeline/prefetch.py); None = auto (2 for sam/lpsam, else 0), 0 = off
+    prefetch: Optional[int] = None
     # -- behaviour -----------------------------------------------------------------------------
     strict: bool = False
     dry_run: bool = False

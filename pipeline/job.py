@@ -57,6 +57,7 @@ from pipeline.planning import (  # noqa: F401
 )
 from pipeline.report import EXIT_OK, EXIT_SKIPPED, EXIT_STRICT_FAILURE, PrecomputeReport, StageProgress, render_report, write_errors
 from pipeline.sample_table import RunTables
+from pipeline.prefetch import pipelined_source_batches, resolve_prefetch
 from pipeline.stages import ErrorRecord, MaskerSpec, SourceTask, StageSettings, TaskResult, remember_masker, run_source_batch
 
 CACHE_DIR = "cache"
@@ -227,7 +228,12 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
             expected_samples = known + to_run
             processes: set[str] = set()
             batches = ((batch, settings) for batch in tables.tasks_to_run(config.batch_size))
-            for result in executor.imap_unordered(run_source_batch, batches):
+            prefetch = resolve_prefetch(config.prefetch, config.masker, report.executor)
+            if prefetch:  # ingest of the next batches in threads while this one is masked
+                results = pipelined_source_batches(batches, workers=prefetch, depth=prefetch)
+            else:
+                results = executor.imap_unordered(run_source_batch, batches)
+            for result in results:
                 _merge(report, result)
                 processes.add(result.process)
                 report.task_processes = len(processes)

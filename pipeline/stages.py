@@ -237,20 +237,38 @@ def _fault_point(name: str) -> None:
     fault_point(name)
 
 
-def run_source_batch(tasks: Sequence[SourceTask], settings: StageSettings) -> TaskResult:
+@dataclass
+class IngestedBatch:
+    """``ingest_source_batch``'s output: per task the ingest entry (meta, sections) or None
+    (failed; recorded in ``result``), and the batch's ``TaskResult`` so far."""
+
+    tasks: Sequence[SourceTask]
+    frames: list
+    result: TaskResult
+
+
+def ingest_source_batch(tasks: Sequence[SourceTask], settings: StageSettings) -> IngestedBatch:
+    """The ingest stage of ``run_source_batch`` alone (``pipeline.prefetch`` runs it ahead in a
+    thread; ``run_source_batch(..., ingested=...)`` continues from it)."""
+    cache = StageCache(settings.cache_root)
+    result = TaskResult()
+    return IngestedBatch(tasks=tasks, frames=[_ingest(task, settings, cache, result) for task in tasks], result=result)
+
+
+def run_source_batch(tasks: Sequence[SourceTask], settings: StageSettings, ingested: IngestedBatch | None = None) -> TaskResult:
     """Bring every source of ``tasks`` through ingest, mask and pyramid, reusing cache entries.
 
     Never raises for a bad sample: failures become ``ErrorRecord``s (and cached failures when
     they are a property of the input, i.e. ``SampleError``), so one bad file never stops the
-    others.
+    others. ``ingested``: the ingest stage already done by ``ingest_source_batch``.
     """
     cache = StageCache(settings.cache_root)
-    result = TaskResult()
+    result = TaskResult() if ingested is None else ingested.result
     masker = None
     pending: list[dict[str, Any]] = []  # samples whose mask must be computed
 
-    for task in tasks:
-        frames = _ingest(task, settings, cache, result)
+    for position, task in enumerate(tasks):
+        frames = _ingest(task, settings, cache, result) if ingested is None else ingested.frames[position]
         result.sources_done += 1
         if frames is None:
             continue

@@ -59,9 +59,14 @@ def build_lpsam(
     class_names: list[str],
     sam_checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
     spec: SamSpec | None = None,
+    fast: bool = True,
 ) -> LPSAM:
     """Build LP-SAM: base SAM (random when ``sam_checkpoint`` is None) at ``config.image_size``,
-    zero-initialised adapters, a fresh prompt engine with one token group per class. Eval mode."""
+    zero-initialised adapters, a fresh prompt engine with one token group per class. Eval mode.
+
+    ``fast`` (default): SDPA attention everywhere and the batched mask decoder
+    (``LPSAM.set_fast_path``); ``False`` keeps segment_anything's attention and per-image decoder
+    (the reference the fast path is tested against). Weights and outputs are the same."""
     if not class_names:
         raise ValueError("LP-SAM needs at least one class name")
     spec = spec or resolve_spec(config.spec)
@@ -97,7 +102,7 @@ def build_lpsam(
         prompt_engine=engine,
         class_names=list(class_names),
     )
-    return model.eval()
+    return model.set_fast_path(fast).eval()
 
 
 def load_partial_state(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, source: str, what: str) -> None:

@@ -24,13 +24,25 @@ from anaus_core.maskset import MaskSet
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def class_components(probabilities: np.ndarray, iou_predictions: np.ndarray, class_names: Sequence[str], *, threshold: float = 0.5, min_area: int = 16) -> MaskSet:
-    """probabilities float (K, H, W) in [0, 1]; iou_predictions (K,). Returns raw components."""
+def class_components(
+    probabilities: np.ndarray,
+    iou_predictions: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    threshold: float = 0.5,
+    min_area: int = 16,
+    foreground: np.ndarray | None = None,
+) -> MaskSet:
+    """probabilities float (K, H, W) in [0, 1]; iou_predictions (K,). Returns raw components.
+
+    ``foreground`` (K, H, W) bool, when given, is ``probabilities > threshold`` computed already
+    (on the device, by the predictor); ``threshold`` is then not used again.
+    """
     height, width = probabilities.shape[1:]
     masks, sources, scores = [], [], []
     for k, name in enumerate(class_names):
-        foreground = probabilities[k] > threshold
-        labels, count = ndimage.label(foreground, structure=EIGHT_CONNECTED)
+        foreground_k = probabilities[k] > threshold if foreground is None else foreground[k]
+        labels, count = ndimage.label(foreground_k, structure=EIGHT_CONNECTED)
         if count == 0:
             continue
         areas = np.bincount(labels.ravel(), minlength=count + 1)

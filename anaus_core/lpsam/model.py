@@ -8,6 +8,7 @@ from torch import nn
 
 from anaus_core.lpsam.image_encoder import AdaptedImageEncoder
 from anaus_core.lpsam.prompt_engine import LatentPromptEngine
+from anaus_core.sam.fast import decode_single_masks, set_attention
 
 ADAPTER_PREFIX = "image_encoder."
 ENGINE_PREFIX = "prompt_engine."
@@ -23,8 +24,11 @@ class LPSAM(nn.Module):
     * ``forward(pixels)`` -> ``{"logits": (B, K, S/4, S/4), "iou": (B, K)}``: one prompt-free mask
       per class from the latent prompt engine (stage 2, prediction).
 
-    SAM's decoder replicates one image embedding for every prompt it is given, so it is called
-    once per image (all of that image's classes at once), as ``Sam.forward`` does.
+    ``batched_decoder=True`` (default) decodes all images x classes in one call of SAM's decoder
+    modules (``anaus_core.sam.fast.decode_single_masks``); ``False`` is the reference path:
+    segment_anything's ``MaskDecoder.forward`` once per image (it replicates ONE image embedding
+    for every prompt it is given), as ``Sam.forward`` does. Both give the same values.
+    ``set_fast_path(False)`` selects the reference decoder and segment_anything's attention.
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class LPSAM(nn.Module):
         mask_decoder: MaskDecoder,
         prompt_engine: LatentPromptEngine,
         class_names: list[str],
+        batched_decoder: bool = True,
     ) -> None:
         super().__init__()
         if len(class_names) != prompt_engine.num_classes:
@@ -44,6 +49,14 @@ class LPSAM(nn.Module):
         self.mask_decoder = mask_decoder
         self.prompt_engine = prompt_engine
         self.class_names = list(class_names)
+        self.batched_decoder = bool(batched_decoder)
+
+    def set_fast_path(self, enabled: bool = True) -> "LPSAM":
+        """SDPA attention + batched decoder (True) or segment_anything's attention + per-image
+        decoder (False, the reference). Weights untouched; returns self."""
+        set_attention(self, "sdpa" if enabled else "reference")
+        self.batched_decoder = bool(enabled)
+        return self
 
     @property
     def image_size(self) -> int:
@@ -54,7 +67,8 @@ class LPSAM(nn.Module):
         return self.image_encoder.normalizer.in_chans
 
     def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        normalised = self.image_encoder.normalizer(pixels)
+        # The normaliser runs in the pixels' precision (fp32); a bf16 model gets bf16 input.
+        normalised = self.image_encoder.normalizer(pixels).to(self.image_encoder.vit.patch_embed.proj.weight.dtype)
         return normalised, self.image_encoder.vit(normalised)
 
     def _no_mask_dense(self, count: int) -> torch.Tensor:
@@ -75,6 +89,16 @@ class LPSAM(nn.Module):
         Returns low-res logits (B, 1, S/4, S/4) and predicted IoU (B, 1).
         """
         image_pe = self.prompt_encoder.get_dense_pe()
+        if self.batched_decoder:
+            point_prompt = None if points is None else (points, point_labels)
+            sparse, dense = self.prompt_encoder(points=point_prompt, boxes=boxes, masks=None)
+            return decode_single_masks(
+                self.mask_decoder,
+                image_embeddings=embeddings,
+                image_pe=image_pe,
+                sparse_prompts=sparse.unsqueeze(1).to(embeddings.dtype),
+                dense_prompts=dense.to(embeddings.dtype),
+            )
         logits, ious = [], []
         for index in range(embeddings.shape[0]):
             point_prompt = None if points is None else (points[index : index + 1], point_labels[index : index + 1])
@@ -95,6 +119,9 @@ class LPSAM(nn.Module):
         """Prompt-free masks: (B, K, S/4, S/4) logits and (B, K) predicted IoU."""
         image_pe = self.prompt_encoder.get_dense_pe()
         prompts = self.prompt_engine.class_prompts(self.prompt_engine(normalised, embeddings, image_pe))
+        if self.batched_decoder:
+            no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(embeddings.dtype)
+            return decode_single_masks(self.mask_decoder, image_embeddings=embeddings, image_pe=image_pe, sparse_prompts=prompts.to(embeddings.dtype), dense_prompts=no_mask)
         num_classes = prompts.shape[1]
         dense = self._no_mask_dense(num_classes).to(embeddings.dtype)
         logits, ious = [], []

@@ -47,6 +47,11 @@ class LPSAMMasker:
         threshold, min_area: class-mask probability threshold and minimum component area.
         amg: add SAM automatic-mask proposals from the adapted encoder; ``amg_points_per_side``
             and ``amg_iou_threshold`` tune them.
+        amp: bf16 on CUDA (``precision`` unset).
+        precision: ``fp32``, ``bf16`` (bf16 weights; the CUDA default) or ``bf16-autocast``
+            (see ``LPSAMPredictor``); part of the fingerprint when not fp32.
+        compile: ``torch.compile`` the model (worth it on CUDA for long runs; off by default).
+        postprocess_workers: threads for the connected components (0: inline).
     """
 
     name = "lpsam"
@@ -64,11 +69,14 @@ class LPSAMMasker:
         amg_points_per_side: int = 16,
         amg_iou_threshold: float = 0.7,
         amp: bool = True,
+        precision: str | None = None,
+        compile: bool = False,
+        postprocess_workers: int = 2,
     ) -> None:
         import torch
 
         from anaus_core.lpsam.checkpoint import check_base_sam
-        from anaus_core.lpsam.predictor import PredictorOptions
+        from anaus_core.lpsam.predictor import PredictorOptions, resolve_precision
         from anaus_core.sam import file_sha256
 
         self.checkpoint = Path(checkpoint)
@@ -89,6 +97,9 @@ class LPSAMMasker:
             raise ValueError(f"bad device {device!r} ({exc})") from None
         self.batch_size = int(batch_size)
         self.amp = bool(amp)
+        self.precision = resolve_precision(precision, amp=self.amp, device=self.device, amg=self.options.amg)
+        self.compile = bool(compile)
+        self.postprocess_workers = int(postprocess_workers)
         self._predictor = None
 
     @property
@@ -103,7 +114,10 @@ class LPSAMMasker:
             from anaus_core.lpsam.predictor import LPSAMPredictor
 
             model, _ = lpsam_checkpoint.load_lpsam(self.checkpoint, sam_checkpoint=self.sam_checkpoint)
-            self._predictor = LPSAMPredictor(model, device=self.device, batch_size=self.batch_size, amp=self.amp, options=self.options)
+            self._predictor = LPSAMPredictor(
+                model, device=self.device, batch_size=self.batch_size, precision=self.precision, compile=self.compile,
+                postprocess_workers=self.postprocess_workers, options=self.options,
+            )
         return self._predictor
 
     def fingerprint(self) -> dict[str, Any]:
@@ -118,8 +132,10 @@ class LPSAMMasker:
                 "amg": self.options.amg,
                 "amg_points_per_side": self.options.amg_points_per_side,
                 "amg_iou_threshold": self.options.amg_iou_threshold,
-                # bf16 changes the numbers slightly, so it is part of what determines the output.
-                "bf16": self.amp and self.device.type == "cuda",
+                # bf16 changes the numbers slightly, so it is part of what determines the output
+                # (the key "bf16" kept as it was so that existing fp32 caches stay valid).
+                "bf16": self.precision != "fp32",
+                **({"precision": self.precision} if self.precision != "fp32" else {}),
             },
         }
 

@@ -5,7 +5,9 @@ predicted-IoU and stability filtering, box NMS). What this module adds is batchi
 encoder, which is almost all of SAM's cost, runs once on a whole batch of images (under bf16
 autocast on CUDA); each image's embedding is then handed to the generator through a
 ``SamPredictor`` whose ``set_image`` installs the precomputed features instead of encoding
-again. Everything after the encoder is the unmodified segment_anything code path.
+again. Everything after the encoder is segment_anything's code path; its attention layers (encoder
+and decoder) run through ``scaled_dot_product_attention`` (``anaus_core.sam.fast``, the default
+of ``build_sam``), and the batch goes to the device with one pinned, non-blocking copy.
 
 Grayscale images are replicated to three channels (SAM's input is RGB).
 """
@@ -25,6 +27,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from anaus_core.errors import UserInputError
 from anaus_core.maskers.base import ImageMeta, SampleError
 from anaus_core.maskset import MaskSet
+from anaus_core.sam.fast import upload_uint8
 
 CODE_VERSION = "sam-1"
 
@@ -82,11 +85,11 @@ def encode_images(
     """
     device = sam.device
     transform = ResizeLongestSide(sam.image_encoder.img_size)
+    resized = [transform.apply_image(np.repeat(np.asarray(image, dtype=np.uint8)[..., None], 3, axis=2)) for image in images]
+    # One pinned buffer, one non-blocking copy for the batch (anaus_core.sam.fast.upload_uint8).
     batch, input_sizes = [], []
-    for image in images:
-        rgb = np.repeat(np.asarray(image, dtype=np.uint8)[..., None], 3, axis=2)
-        resized = transform.apply_image(rgb)
-        tensor = torch.as_tensor(resized, device=device).permute(2, 0, 1).contiguous()
+    for tensor in upload_uint8(resized, device):
+        tensor = tensor.permute(2, 0, 1)
         input_sizes.append((int(tensor.shape[1]), int(tensor.shape[2])))
         batch.append(sam.preprocess(tensor[None].float()))
     with _autocast(device, autocast):

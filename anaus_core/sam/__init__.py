@@ -8,10 +8,14 @@ reduced encoder input size, interpolates the absolute and relative position embe
 
 from anaus_core.sam.build import build_sam, load_sam_state_dict, save_random_sam_checkpoint
 from anaus_core.sam.checkpoint import file_sha256, read_sam_state_dict
+from anaus_core.sam.fast import ATTENTION_KINDS, decode_single_masks, set_attention
 from anaus_core.sam.resize import resize_sam_state_dict
 from anaus_core.sam.spec import SAM_SPECS, SamSpec, resolve_spec, spec_from_state_dict
 
 __all__ = [
+    "ATTENTION_KINDS",
+    "decode_single_masks",
+    "set_attention",
     "SAM_SPECS",
     "SamSpec",
     "build_sam",

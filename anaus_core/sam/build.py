@@ -11,6 +11,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from anaus_core.errors import UserInputError
 from anaus_core.sam.checkpoint import read_sam_state_dict
+from anaus_core.sam.fast import set_attention
 from anaus_core.sam.resize import resize_sam_state_dict
 from anaus_core.sam.spec import SamSpec, resolve_spec, spec_from_state_dict
 
@@ -88,7 +89,13 @@ def load_sam_state_dict(sam: Sam, state_dict: Mapping[str, torch.Tensor], *, spe
     sam.load_state_dict(state_dict, strict=True)
 
 
-def build_sam(spec: SamSpec | str, *, checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None, image_size: int | None = None) -> Sam:
+def build_sam(
+    spec: SamSpec | str,
+    *,
+    checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
+    image_size: int | None = None,
+    attention: str = "sdpa",
+) -> Sam:
     """Build ``segment_anything.modeling.Sam`` for ``spec`` at ``image_size`` (default: native).
 
     Args:
@@ -97,6 +104,9 @@ def build_sam(spec: SamSpec | str, *, checkpoint: str | Path | Mapping[str, torc
             ``state_dict`` itself. ``None`` leaves segment_anything's random initialisation.
         image_size: encoder input side; position embeddings are interpolated when it differs
             from the checkpoint's. The image embedding is ``(prompt_embed_dim, S/16, S/16)``.
+        attention: ``"sdpa"`` (default: ``scaled_dot_product_attention`` with the relative
+            positions as an additive bias, see ``anaus_core.sam.fast``) or ``"reference"``
+            (segment_anything's own attention). Same weights and outputs either way.
 
     Returns the model in eval mode on the CPU.
     """
@@ -107,6 +117,7 @@ def build_sam(spec: SamSpec | str, *, checkpoint: str | Path | Mapping[str, torc
             load_sam_state_dict(sam, read_sam_state_dict(checkpoint), spec=spec, source=str(checkpoint))
         else:
             load_sam_state_dict(sam, checkpoint, spec=spec)
+    set_attention(sam, attention)
     return sam.eval()
 
 
