@@ -163,3 +163,44 @@ def test_multicrop_loader_reads_the_stored_anatomy(phantom_corpus, tmp_path):
             assert code == vocabulary.index(truth[key[:-len("_png")]]) + 1
             seen += 1
     assert seen == (len(truth) // 4) * 4
+
+
+@pytest.mark.slow
+def test_anatomy_from_lpsam_is_the_largest_class(tmp_path):
+    """--masker lpsam --anatomy lpsam through the CLI: each record's category is the LP-SAM class
+    whose masks (as listed in the record) cover the most pixels."""
+    import sys
+    from collections import Counter
+
+    from typer.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lpsam_helpers import write_phantom_dataset
+
+    from anaus_core.lpsam.build import tiny_model_config
+    from anaus_core.lpsam.train import AdaptConfig, PrompterConfig, run_adapt, run_train_prompter
+    from anaus_core.sam import save_random_sam_checkpoint
+    from cli import app
+
+    sam = save_random_sam_checkpoint(tmp_path / "sam_tiny.pth", "tiny", seed=0)
+    dataset = write_phantom_dataset(tmp_path / "data", count=4, size=64, multiclass=True)
+    common = dict(datasets=[str(dataset)], sam_checkpoint=str(sam), model=tiny_model_config(), epochs=2, batch_size=4,
+                  lr=1e-2, val_fraction=0.0, progress=False)
+    stage1 = run_adapt(AdaptConfig(out_dir=str(tmp_path / "adapt"), **common))
+    stage2 = run_train_prompter(PrompterConfig(out_dir=str(tmp_path / "prompter"), adapter_checkpoint=str(stage1.last_checkpoint), **common))
+    out = tmp_path / "store"
+    result = CliRunner().invoke(app, ["precompute-masks", str(dataset / "img"), "--out", str(out), "--masker", "lpsam",
+                                      "--checkpoint", str(stage2.last_checkpoint), "--sam-checkpoint", str(sam),
+                                      "--stored-size", "64", "--samples-per-shard", "2", "--masker-option", "threshold=0.3",
+                                      "--masker-option", "min_area=4", "--min-area", "4", "--no-progress", "--anatomy", "lpsam"])
+    assert result.exit_code == 0, result.output
+    records = _records(out)
+    assert len(records) == 4
+    for record in records.values():
+        areas = Counter()
+        for mask in record["masks"]:
+            if mask["source"].startswith("lpsam:"):
+                areas[mask["source"][len("lpsam:"):]] += mask["area"]
+        expected = min(n for n, a in areas.items() if a == max(areas.values())) if areas else "unknown"
+        assert record["anatomy"] == expected
+    assert any(r["anatomy"] != "unknown" for r in records.values())
