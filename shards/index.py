@@ -14,10 +14,11 @@ array                     dtype      meaning
 ``mask_areas``            int64      all mask areas (pixels), row after row (ragged, flat)
 ``mask_areas_start``      int64      (N + 1) row starts into ``mask_areas``
 ``source_hash``           string     sha256 of the source file (from the record)
+``anatomy``               int16      optional (``precompute-masks --anatomy``): category code
 ========================  =========  ===========================================================
 
 Attributes: ``format_version``, ``scales``, ``shards`` (file names), ``shard_sha256``,
-``fingerprints`` (stage -> hex), ``sample_count``, ``index_id``.
+``fingerprints`` (stage -> hex), ``sample_count``, ``index_id`` (+ ``anatomy_categories``).
 
 ``manifest.json``: ``format_version``, ``index_id``, ``created``, ``scales``,
 ``fingerprints``, ``sample_count`` and ``shards`` [{name, sha256, size, samples}].
