@@ -92,6 +92,16 @@ def test_resume_continues_with_the_same_losses(anatomy_store, tmp_path):
     assert len(losses(tmp_path / "whole")) == 4
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     assert whole.steps_done == 4
+    # export-encoder from an A-ViT checkpoint: the same files as the run's own export
+    from anaus_core.avit.backbone import build_vit
+    from anaus_core.train import export_encoder_from_checkpoint
+
+    encoder, _ = export_encoder_from_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt", tmp_path / "exported")
+    vit = build_vit(size="micro", img_size=32, patch_size=8)
+    vit.load_state_dict(torch.load(encoder), strict=True)
+    for key, value in torch.load(tmp_path / "whole" / "encoder.pt").items():
+        torch.testing.assert_close(vit.state_dict()[key], value)
+    assert (tmp_path / "exported" / "acdt.pt").is_file()
 
 
 def _free_port() -> int:
