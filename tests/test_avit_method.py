@@ -128,6 +128,13 @@ def test_loss_ablations_remove_terms():
         assert not absent & set(out) and torch.isfinite(out["loss"])
         assert method.has_unused_parameters()
     assert not AViTMethod(config=tiny_avit_config()).has_unused_parameters()
+    # the flag matches what actually gets no gradient
+    for overrides in ({"mask_ratio": 0.0}, {"acdt": "none", "anatomy_embedding": False}, {"acdt": "none"}):
+        method = AViTMethod(config=tiny_avit_config(**overrides))
+        prepared = method.prepare_batch(_batch(method, 0), device=CPU, generator=torch.Generator().manual_seed(0))
+        method(prepared, step=0, total_steps=4)["loss"].backward()
+        unused = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+        assert bool(unused) == method.has_unused_parameters(), (overrides, unused)
 
 
 def test_resume_continues_with_the_same_losses(tmp_path):

@@ -139,9 +139,11 @@ class AViTMethod(PretrainMethod):
 
     def has_unused_parameters(self) -> bool:
         config = self.config
-        # before adv_start_step (or with a loss removed) whole modules get no gradient
+        # before adv_start_step (or with a loss removed) whole modules get no gradient; without
+        # masking the mask token is unused, without any conditioning the anatomy table is
         return (config.adv_start_step > 0 or config.weight_adv == 0 or config.weight_disc == 0
-                or config.weight_mim == 0 or config.weight_dino == 0 or config.crops.num_local == 0)
+                or config.weight_mim == 0 or config.weight_dino == 0 or config.mask_ratio == 0
+                or (config.acdt == "none" and not config.anatomy_embedding))
 
     def prepare_batch(self, batch: Mapping[str, Tensor], *, device: torch.device,
                       generator: torch.Generator) -> dict[str, Tensor]:
