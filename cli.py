@@ -57,6 +57,8 @@ def make_phantoms_command(
     count: int = typer.Option(24, "--count", "-n", help="Number of phantoms (>= 1)."),
     size: int = typer.Option(256, "--size", "-s", help="Image side in pixels (32..4096)."),
     seed: int = typer.Option(0, "--seed", help="Corpus seed (>= 0); phantom i depends only on (seed, i, size)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Burn in text, a depth ruler, calipers, a colour bar and a logo (RGB images; true field of view and overlay masks in truth/)."),
+    geometry: Optional[str] = typer.Option(None, "--geometry", help="linear or sector for all phantoms (default: alternate)."),
 ) -> None:
     """Write a synthetic B-mode ultrasound corpus with labelled structures (linear and sector probes).
 
@@ -66,7 +68,7 @@ def make_phantoms_command(
     """
     from anaus_core.phantoms import make_phantom_corpus
 
-    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True)
+    ids = make_phantom_corpus(out, count=count, size=size, seed=seed, progress=True, annotations=annotations, geometry=geometry)
     typer.echo(f"wrote {len(ids)} phantoms ({size}x{size}) to {out}")
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def inspect_shard_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def _parse_masker_options(values: Optional[list[str]]) -> dict:
+def _parse_masker_options(values: Optional[list[str]], option: str = "--masker-option") -> dict:
     """``key=value`` strings -> dict; values are parsed as YAML scalars (``300`` -> int)."""
     import yaml
 
@@ -119,7 +121,7 @@ def _parse_masker_options(values: Optional[list[str]]) -> dict:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserInputError(f"--masker-option {item!r}: expected key=value")
+            raise UserInputError(f"{option} {item!r}: expected key=value")
         try:
             options[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -165,6 +167,9 @@ def precompute_masks_command(
     strict: bool = typer.Option(False, "--strict", help="Any skipped input fails the run (index left unchanged, exit 3)."),
     gc: bool = typer.Option(False, "--gc", help="Delete cache entries the current corpus no longer uses."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    no_scan_region: bool = typer.Option(False, "--no-scan-region", help="Use the whole image instead of the detected scan region (fan/rectangle of echo data)."),
+    region_option: Optional[list[str]] = typer.Option(None, "--region-option", help="Scan-region setting key=value (repeatable; see docs/precompute.md)."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv (columns path,group) naming each source's group (default: CORPUS/groups.csv if present)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with PrecomputeConfig fields; options override it."),
 ) -> None:
     """Compute mask sets, pyramids and shards for a corpus; incremental and restartable.
@@ -200,6 +205,9 @@ def precompute_masks_command(
         "strict": True if strict else None,
         "gc": True if gc else None,
         "progress": False if no_progress else None,
+        "scan_region": False if no_scan_region else None,
+        "region_options": _parse_masker_options(region_option, "--region-option") if region_option else None,
+        "groups": str(groups) if groups is not None else None,
     }
     settings = load_config(PrecomputeConfig, config, overrides)
     extra = _parse_masker_options(masker_option)
@@ -271,6 +279,7 @@ def lpsam_adapt_command(
     lr: Optional[float] = typer.Option(None, "--lr"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Loss = (1-alpha)*BCE + alpha*Dice."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompts from the ground truth: box, point or box+point."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (200 epochs, batch 16, Adam 5e-4); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="last.pt of an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with AdaptConfig fields (options override it)."),
@@ -279,6 +288,7 @@ def lpsam_adapt_command(
 ) -> None:
     """Stage 1: train bottleneck adapters in SAM's image encoder on image-mask pairs (SAM frozen)."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import AdaptConfig, run_adapt
 
     overrides = _lpsam_overrides(
@@ -292,6 +302,7 @@ def lpsam_adapt_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "adapt"), **overrides}
     result = run_adapt(load_config(AdaptConfig, config, overrides))
     typer.echo(f"stage 1 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -305,6 +316,7 @@ def lpsam_train_prompter_command(
     adapter_checkpoint: Optional[Path] = typer.Option(None, "--adapter-checkpoint", help="Stage-1 checkpoint (best.pt of `anaus lpsam adapt`)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (last.pt, best.pt)."),
     train_decoder: Optional[bool] = typer.Option(None, "--train-decoder/--no-train-decoder", help="Also train SAM's mask decoder (the official code did; the paper freezes it). Off by default."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Training schedule: 'paper' (100 epochs); explicit options win over it. Default: the short schedule in docs/lpsam.md."),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -317,6 +329,7 @@ def lpsam_train_prompter_command(
 ) -> None:
     """Stage 2: train the latent prompt engine (one token group per class); SAM and adapters frozen."""
     from anaus_core.config import load_config
+    from anaus_core.lpsam.presets import preset_overrides
     from anaus_core.lpsam.train import PrompterConfig, run_train_prompter
 
     overrides = _lpsam_overrides(
@@ -328,6 +341,7 @@ def lpsam_train_prompter_command(
         },
         set_,
     )
+    overrides = {**preset_overrides(preset, "train-prompter"), **overrides}
     result = run_train_prompter(load_config(PrompterConfig, config, overrides))
     typer.echo(f"stage 2 done: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
@@ -463,6 +477,7 @@ def pretrain_command(
     accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", help="Micro-batches per optimiser step (gradient accumulation)."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (never on CPU)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format on CUDA."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile", help="torch.compile of the networks: auto (on CUDA only, default), on, off."),
     sync_batchnorm: Optional[bool] = typer.Option(None, "--sync-batchnorm/--no-sync-batchnorm", help="SyncBatchNorm across GPUs under torchrun (CUDA only)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the weights, the data order and every augmentation."),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Optimiser steps between metrics.jsonl lines."),
@@ -479,7 +494,7 @@ def pretrain_command(
         "data.batch_size": batch_size, "data.num_workers": num_workers, "views.size": crop_size,
         "views.num_mask_samples": masks_per_image, "optim.base_lr": lr, "optim.warmup_epochs": warmup_epochs,
         "optim.accumulation_steps": accumulation_steps, "run.steps": steps, "run.epochs": epochs,
-        "run.device": device, "run.amp": amp, "run.channels_last": channels_last,
+        "run.device": device, "run.amp": amp, "run.channels_last": channels_last, "run.compile": compile_mode,
         "model.sync_batchnorm": sync_batchnorm, "run.seed": seed, "run.log_every": log_every,
         "run.checkpoint_every": checkpoint_every, "run.progress": progress,
     }
@@ -528,7 +543,8 @@ def export_encoder_command(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200) -> dict:
+def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
+             annotations: bool = False, eval_count: int = 0) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -536,7 +552,9 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
        masker (``labels`` reads ``OUT/corpus/label``);
     3. inspect: validate the shard directory, print its summary, write ``OUT/contact_sheet.png``.
 
-    Later steps (pre-training on ``OUT/shards``) append to the returned dict. Running the demo
+    Later steps (pre-training on ``OUT/shards``; with ``eval_count``, evaluating its encoder
+    against ``random`` on that many held-apart phantoms under ``OUT/evaluate``) append to the
+    returned dict. Running the demo
     again re-uses everything already computed (step 2 reports "nothing to do").
     """
     from rich.console import Console
@@ -552,7 +570,7 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
 
     console.rule("1. phantom corpus")
     corpus = out / "corpus"
-    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress)
+    make_phantom_corpus(corpus, count=count, size=size, seed=seed, progress=progress, annotations=annotations)
     result["corpus"] = corpus
 
     console.rule(f"2. precompute-masks (--masker {masker})")
@@ -586,6 +604,13 @@ def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felz
         console.rule(f"4. pretrain ({pretrain_steps} steps on the CPU)")
         result.update(_demo_pretrain(shards_dir, out / "pretrain", steps=pretrain_steps, seed=seed,
                                      progress=progress, console=console))
+        if eval_count > 0:
+            from anaus_core.evaluate.demo import evaluate_demo_encoder
+            from pipeline.frame_reader import IngestFrameReader
+
+            console.rule(f"5. evaluate the demo encoder vs random ({eval_count} held-apart phantoms)")
+            result["evaluation"] = evaluate_demo_encoder(result["encoder"], out / "evaluate", reader=IngestFrameReader(),
+                                                         count=eval_count, seed=seed, progress=progress, console=console)
     return result
 
 
@@ -640,11 +665,75 @@ def demo_command(
     masker: str = typer.Option("felzenszwalb", help="Weight-free mask source: felzenszwalb, kmeans or labels."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", help="CPU pre-training steps on the demo shards (0 skips the step)."),
+    annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
+    eval_count: int = typer.Option(60, "--eval-count", help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
     if masker not in ("felzenszwalb", "kmeans", "labels"):
         raise UserInputError(f"--masker {masker!r}: the demo uses a weight-free masker (felzenszwalb, kmeans or labels)")
-    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps)
+    run_demo(out, count=count, size=size, masker=masker, progress=not no_progress, pretrain_steps=pretrain_steps,
+             annotations=annotations, eval_count=eval_count)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+
+def _parse_fractions(values: Optional[list[str]]) -> Optional[list[float]]:
+    """``--label-fraction 0.01,0.1 --label-fraction 1`` -> [0.01, 0.1, 1.0]."""
+    if not values:
+        return None
+    fractions = []
+    for value in values:
+        for part in value.replace(",", " ").split():
+            try:
+                fractions.append(float(part))
+            except ValueError:
+                raise UserInputError(f"--label-fraction {part!r}: expected a number in (0, 1]") from None
+    return fractions
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_command(
+    data: Path = typer.Argument(..., help="Labelled data: class-per-folder images (classification) or img/ + label/ + dataset.yaml (segmentation)."),
+    out: Path = typer.Option(..., "--out", help="Report folder: results.json, results.md, folds.csv, predictions.png, confusion.png, label_fraction.png."),
+    encoder: Optional[list[str]] = typer.Option(None, "--encoder", help="NAME=PATH of a torchvision ResNet-18/50 or timm ViT state dict (repeatable), or 'random'."),
+    task: str = typer.Option("classification", "--task", help="classification or segmentation."),
+    protocol: Optional[list[str]] = typer.Option(None, "--protocol", help="linear (default), finetune, finetune-full (repeatable)."),
+    head: str = typer.Option("fpn", "--head", help="Segmentation head: fpn (light decoder on the ResNet-FPN / ViT tokens) or maskrcnn."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Outer cross-validation folds (default 5)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of folds, label fractions, initialisation and batches (default 0)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Network input size in pixels (default 224)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning / segmentation epochs (default 30)."),
+    label_fraction: Optional[list[str]] = typer.Option(None, "--label-fraction", help="Fractions of each training fold, e.g. 0.01,0.1,1.0 (repeatable)."),
+    select_on_test: bool = typer.Option(False, "--select-on-test", help="Select epoch/head on the test fold like USCL/the official code; marks every figure optimistic."),
+    groups: Optional[Path] = typer.Option(None, "--groups", help="groups.csv with rows file,group (file relative to DATA)."),
+    group_by: str = typer.Option("auto", "--group-by", help="auto (frames of a video/multi-frame file together), video, patient (DICOM PatientID), folder, none."),
+    allow_frame_leak: bool = typer.Option(False, "--allow-frame-leak", help="Allow frames of one source in different folds (leaks; off by default)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Fixed outer folds: CSV rows file,fold (e.g. a published split, or a previous folds.csv)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML evaluation config (see docs/evaluate.md)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key, e.g. --set linear.epochs=50 (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Evaluate encoders on labelled data with grouped k-fold cross-validation (selection never on the test fold)."""
+    from anaus_core.config import load_config
+    from anaus_core.evaluate import EvaluateConfig, parse_encoder_option, run_evaluation
+    from pipeline.frame_reader import IngestFrameReader
+
+    overrides = {"task": task, "data": str(data), "out": str(out), "head": head, "folds": folds, "seed": seed,
+                 "image_size": image_size, "finetune.epochs": epochs, "label_fractions": _parse_fractions(label_fraction),
+                 "protocols": protocol or None, "select_on_test": select_on_test or None,
+                 "groups_file": str(groups) if groups else None, "group_by": group_by,
+                 "allow_frame_leak": allow_frame_leak or None, "splits_file": str(splits) if splits else None,
+                 "device": device, "progress": False if no_progress else None}
+    overrides.update(_parse_set_options(set_))
+    eval_config = load_config(EvaluateConfig, config, overrides)
+    specs = [parse_encoder_option(text) for text in (encoder or [])]
+    results = run_evaluation(eval_config, specs, reader=IngestFrameReader())
+    typer.echo(f"report: {out / 'results.md'} ({len(results['runs'])} runs; selection: {results['selection']})")
 
 
 

@@ -5,9 +5,11 @@ A mask set is a stack of full-size binary masks that may overlap, each carrying 
 its area in pixels. Every masker (labels, k-means, Felzenszwalb, SAM, LP-SAM) returns this
 structure, the shard store serialises it losslessly, and the trainer samples ids from it.
 
-The residual region (pixels covered by no other mask) is an ordinary mask with
-``source == "residual"``; it is what makes whole-image coverage explicit when masks do not
-tile the image.
+The residual region (pixels of the scan region covered by no other mask) is an ordinary mask
+with ``source == "residual"``; it is what makes coverage of the echo data explicit when masks
+do not tile it. ``finalize(region=...)`` clips every mask to the scan region (the fan or
+rectangle that holds echo data, ``anaus_core.scan_region``), whatever source made it, so no
+mask ever covers the black screen or burned-in annotations.
 """
 
 from __future__ import annotations
@@ -127,9 +129,14 @@ class MaskSet:
         return cls(masks=masks, ids=np.arange(1, len(masks) + 1), sources=sources, scores=scores)
 
     # -- the common post-processing every masker shares ---------------------------------------
-    def finalize(self, *, min_area: int = 16, max_masks: int = 32, add_residual: bool = True, residual_min_area: int | None = None) -> "MaskSet":
-        """Drop masks below ``min_area``, keep at most ``max_masks`` by (score, area), add the residual.
+    def finalize(self, *, min_area: int = 16, max_masks: int = 32, add_residual: bool = True, residual_min_area: int | None = None,
+                 region: np.ndarray | None = None) -> "MaskSet":
+        """Clip to ``region``, drop masks below ``min_area``, keep at most ``max_masks`` by
+        (score, area), add the residual.
 
+        ``region``: bool (H, W) scan region, or None for the whole image. Every mask is
+        intersected with it before the area test (a mask mostly outside it shrinks and may
+        drop out), and the residual is the region minus the kept masks.
         The residual (pixels covered by no kept mask) is added when ``add_residual`` and it is at
         least ``residual_min_area`` pixels (default ``min_area``); it counts towards
         ``max_masks`` so the result never exceeds the cap. Ids are renumbered 1..M in the kept
@@ -137,6 +144,18 @@ class MaskSet:
         """
         if max_masks < 1:
             raise ValueError("max_masks must be >= 1")
+        height, width = self.shape
+        source = self
+        if region is not None:
+            region = np.asarray(region, bool)
+            if region.shape != (height, width):
+                raise ValueError(f"scan region is {region.shape}, the masks are {(height, width)}")
+            source = MaskSet(masks=self.masks & region[None], ids=self.ids, sources=self.sources, scores=self.scores)
+        return source._finalize(min_area=min_area, max_masks=max_masks, add_residual=add_residual,
+                                residual_min_area=residual_min_area, region=region)
+
+    def _finalize(self, *, min_area: int, max_masks: int, add_residual: bool, residual_min_area: int | None,
+                  region: np.ndarray | None) -> "MaskSet":
         height, width = self.shape
         areas = self.areas
         keep = np.flatnonzero((areas >= min_area) & (np.asarray(self.sources) != RESIDUAL_SOURCE)) if len(self) else np.zeros(0, int)
@@ -149,6 +168,8 @@ class MaskSet:
         scores = self.scores[order] if order else np.zeros(0, np.float32)
         if add_residual:
             residual = ~masks.any(axis=0) if len(order) else np.ones((height, width), bool)
+            if region is not None:
+                residual &= region
             if residual.sum() >= (min_area if residual_min_area is None else residual_min_area):
                 masks = np.concatenate([masks, residual[None]])
                 sources = sources + [RESIDUAL_SOURCE]

@@ -7,8 +7,19 @@
 2. ``memory``: the trainer for several epochs on small shards; RSS per epoch (should be flat).
 3. ``throughput``: the trainer at a given device/batch (e.g. ``--device cuda --batch-size 192
    --bf16``): images/s and the data-wait fraction from ``metrics.jsonl``.
+4. ``step``: the training step itself, old (eager: data-dependent head shapes, per-parameter
+   LARS loop, no compile) against new (static-shape heads, foreach LARS, no host sync, compiled
+   per ``--compile``) on the same batch and weights, interleaved, medians; FLOPs per image of
+   the step (forward + backward, ``torch.utils.flop_counter.FlopCounterMode``), achieved
+   TFLOP/s and, on CUDA, MFU against the dense bf16 peak (``--peak-tflops``, default 989 =
+   H100/H200 SXM).
+5. ``gpu-check``: the acceptance check of issue 13 in one command (about 5 minutes on one
+   H100/H200): ``step`` at batch 192, 224 px, bf16, then the trainer for 60 steps;
+   prints PASS/FAIL for >= 2,000 img/s at batch 192 with data wait < 5 %.
 
 Run:  python3 benchmarks/bench_pretrain.py [--quick]                          (CPU: 1 + 2)
+      python3 benchmarks/bench_pretrain.py --mode step --batch-size 8 --crop 64  (CPU: 4)
+      python3 benchmarks/bench_pretrain.py --mode gpu-check --num-workers 12      (GPU: 5)
       python3 benchmarks/bench_pretrain.py --mode throughput --device cuda --batch-size 192 \
           --bf16 --steps 60 --num-workers 12                                   (GPU: 3)
 """
@@ -16,6 +27,7 @@ Run:  python3 benchmarks/bench_pretrain.py [--quick]                          (C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -64,7 +76,7 @@ def base_overrides(args, shards: Path) -> dict:
         "data.shuffle_buffer": 256, "views.size": args.crop, "views.num_mask_samples": args.k,
         "run.device": args.device, "run.amp": args.bf16, "run.seed": 0, "run.progress": args.progress,
         "run.tensorboard": False, "run.checkpoint_every": 0, "run.keep_step_checkpoints": False,
-        "optim.warmup_steps": 1,
+        "optim.warmup_steps": 1, "run.compile": getattr(args, "compile", "auto"),
     }
     if small:  # CPU: reduced heads and blur so a step takes seconds, not minutes
         overrides.update({"augment.view1.blur_kernel": 9, "augment.view2.blur_kernel": 9})
@@ -190,9 +202,117 @@ def bench_throughput(args, workdir: Path) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. the step: old vs new, FLOPs, MFU
+# ----------------------------------------------------------------------------------------------
+
+STEP_VARIANTS = {
+    "old": {"model.static_shapes": "off", "optim.foreach": False, "run.compile": "off"},
+    "new": {"model.static_shapes": "auto", "optim.foreach": True},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_step(args, workdir: Path) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anaus_core.config import load_config
+    from anaus_core.train import PretrainConfig
+    from anaus_core.train.trainer import (_autocast, build_model, build_optimizer, make_generator, use_compile)
+    from cli import shard_data_source
+
+    shards = Path(args.shards) if args.shards else make_shards(workdir / "shards-step", count=args.batch_size * 2,
+                                                                size=args.image_size, workers=args.gen_workers)
+    device = torch.device(args.device)
+    runs = {}
+    for name, extra in STEP_VARIANTS.items():
+        overrides = {**base_overrides(args, shards), **extra}
+        if name == "new":
+            overrides["run.compile"] = args.compile
+        config = load_config(PretrainConfig, None, overrides)
+        method = build_model(config).to(device)   # same seed: the same weights in both variants
+        if device.type == "cuda" and config.run.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(method, config, 0.01)
+        compiled = use_compile(config, device)
+        if compiled:
+            method.compile_for_training()
+        loader = shard_data_source(config).loader(epoch=0, skip_batches=0, batch_size=args.batch_size, rank=0,
+                                                  world_size=1)
+        batch = next(iter(loader))
+        runs[name] = (config, method, optimizer, batch, compiled)
+
+    def step(name: int, index: int, counter=None):
+        config, method, optimizer, batch, _ = runs[name]
+        generator = make_generator(device, index)
+        prepared = method.prepare_batch(batch, device=device, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        with counter if counter is not None else contextlib.nullcontext():
+            with _autocast(device, config.run.amp):
+                method.begin_step([prepared], generators=[generator], step=index)
+                loss = method(prepared, generator=generator, step=index)["loss"]
+            loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step=index, total_steps=1000)
+        _sync(device)
+
+    counter = FlopCounterMode(display=False)
+    step("old", 0, counter)   # eager: the FLOPs of one forward + backward (+ target forwards)
+    flops = counter.get_total_flops()
+    for name in runs:            # warm-up (allocator, cudnn autotune, compilation)
+        for index in range(args.warmup_steps if name == "new" and runs[name][4] else 2):
+            step(name, 1 + index)
+    times = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name in runs:
+            _sync(device)
+            start = time.perf_counter()
+            step(name, 100 + repeat)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    out = {"device": str(device), "batch": args.batch_size, "crop": args.crop, "bf16": args.bf16,
+           "compile_new": runs["new"][4], "repeats": args.repeats,
+           "gflop_per_image": flops / args.batch_size / 1e9,
+           "median_step_s": medians, "images_per_s": {n: args.batch_size / t for n, t in medians.items()},
+           "ratio_old_over_new": medians["old"] / medians["new"],
+           "achieved_tflops": {n: flops / t / 1e12 for n, t in medians.items()}}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["mfu"] = {n: flops / t / 1e12 / args.peak_tflops for n, t in medians.items()}
+        out["peak_tflops_assumed"] = args.peak_tflops
+    return out
+
+
+def gpu_check(args, workdir: Path) -> dict:
+    """Issue 13's pre-training target on one GPU: >= 2,000 img/s at batch 192, data wait < 5 %."""
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu-check needs a CUDA device")
+    args.device, args.bf16, args.crop, args.batch_size = "cuda", True, 224, 192
+    args.image_size = max(args.image_size, 256)
+    args.gen_workers = max(args.gen_workers, 8)
+    out = {"step": bench_step(args, workdir)}
+    print("step", json.dumps(out["step"]), flush=True)
+    args.steps, args.warmup_steps = max(args.steps, 60), max(args.warmup_steps, 20)
+    out["throughput"] = bench_throughput(args, workdir)
+    rate, wait = out["throughput"]["images_per_s_median"], out["throughput"]["data_wait_fraction_median"]
+    out["throughput"]["mfu"] = rate * out["step"]["gflop_per_image"] / 1e3 / args.peak_tflops
+    out["pass"] = bool(rate >= 2000 and wait < 0.05)
+    print(f"gpu-check: {rate:.0f} img/s (target >= 2000), data wait {100 * wait:.2f} % (target < 5 %), "
+          f"MFU {100 * out['throughput']['mfu']:.1f} % -> {'PASS' if out['pass'] else 'FAIL'}", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["all", "masks", "memory", "throughput"], default="all")
+    parser.add_argument("--mode", choices=["all", "masks", "memory", "throughput", "step", "gpu-check"], default="all")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="step/gpu-check/throughput: run.compile of the new step (auto = on CUDA only)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak of the GPU for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64)
@@ -229,6 +349,11 @@ def main(argv=None) -> dict:
     if args.mode in ("all", "memory"):
         results["memory"] = bench_memory(args, workdir)
         print("memory", json.dumps(results["memory"]), flush=True)
+    if args.mode == "step":
+        results["step"] = bench_step(args, workdir)
+        print("step", json.dumps(results["step"]), flush=True)
+    if args.mode == "gpu-check":
+        results["gpu_check"] = gpu_check(args, workdir)
     if args.mode == "throughput":
         results["throughput"] = bench_throughput(args, workdir)
         print("throughput", json.dumps(results["throughput"]), flush=True)

@@ -17,6 +17,13 @@ Pipeline (CPU, minutes):
 
 Run:  nice -n 10 python3 benchmarks/probe_phantoms.py --out /tmp/probe [--quick]
 Prints a markdown table and writes ``results.json`` into ``--out``.
+
+Real-scan mode (issue 10): ``--annotations --geometry sector`` burns text, rulers, calipers, a
+colour bar and a logo into the phantoms; ``--masks felzenszwalb`` pre-trains on the masks of
+the precompute pipeline instead of the ground truth, with (default) or without
+(``--no-scan-region``, the masks the code made before scan regions: identical output) the scan
+region. The mask statistics (share of mask pixels outside the true field of view, masks that
+lie mostly outside it) are printed with the probe.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ def build_corpus(out: Path, *, count: int, size: int, seed: int) -> list[dict]:
 
     corpus = out / "corpus"
     if not (corpus / "label" / f"phantom_{count - 1:05d}.json").exists():
-        make_phantom_corpus(corpus, count=count, size=size, seed=seed)
+        make_phantom_corpus(corpus, count=count, size=size, seed=seed, annotations=ANNOTATIONS["on"], geometry=ANNOTATIONS["geometry"])
     items = []
     for index in range(count):
         key = f"phantom_{index:05d}"
@@ -58,9 +65,50 @@ def build_corpus(out: Path, *, count: int, size: int, seed: int) -> list[dict]:
             "image": np.asarray(Image.open(corpus / "img" / f"{key}.png").convert("L")),
             "label": np.asarray(Image.open(corpus / "label" / f"{key}.png")),
             "kinds": {int(s["label"]): s["kind"] for s in sidecar["structures"]},
-            "view": fan_mask(size, sidecar.get("fan")),
+            "view": (np.asarray(Image.open(corpus / sidecar["annotations"]["field_of_view_png"])) > 0) if "annotations" in sidecar
+                    else fan_mask(size, sidecar.get("fan")),
         })
     return items
+
+
+ANNOTATIONS = {"on": False, "geometry": None}
+
+
+def pipeline_shards(items: list[dict], out: Path, *, masker: str, scan_region: bool, size: int) -> tuple[Path, dict]:
+    """Shards of the pre-training split made by the precompute pipeline (``masker``), and the
+    mask statistics against the true field of view."""
+    from pipeline.config import PrecomputeConfig
+    from pipeline.job import run_precompute
+    from shards.reader import ShardReader
+
+    corpus_list = out / "train-list.txt"
+    corpus_list.write_text("".join(f"corpus/img/{item['key']}.png\n" for item in items))
+    shards = out / f"shards-{masker}-{'region' if scan_region else 'whole'}"
+    report = run_precompute(PrecomputeConfig(corpus=str(corpus_list), out=str(shards), masker=masker, stored_size=size,
+                                             scan_region=scan_region, samples_per_shard=64, progress=False), show_report=False)
+    views = {f"corpus/img/{item['key']}.png": item["view"] for item in items}
+    reader = ShardReader(shards)
+    outside_pixels = total_pixels = masks = mostly_outside = residual_outside = residual_total = 0
+    for key in reader.keys():
+        sample = reader[key]
+        view = views[sample.record["source_path"]]
+        for mask, source in zip(sample.mask_set.masks, sample.mask_set.sources):
+            outside = int((mask & ~view).sum())
+            area = int(mask.sum())
+            outside_pixels += outside
+            total_pixels += area
+            masks += 1
+            mostly_outside += outside > 0.5 * area
+            if source == "residual":
+                residual_outside += outside
+                residual_total += area
+    stats = {
+        "samples": len(reader), "skipped": len(report.errors), "masks": masks,
+        "mask_pixels_outside_fov": round(outside_pixels / max(1, total_pixels), 4),
+        "masks_mostly_outside_fov": mostly_outside,
+        "residual_pixels_outside_fov": round(residual_outside / max(1, residual_total), 4),
+    }
+    return shards, stats
 
 
 def region_masks(item: dict) -> tuple[np.ndarray, list[str]]:
@@ -204,7 +252,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", choices=["anaus", "byol", "random"], action="append",
                         help="encoders to evaluate (default all three)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
+    parser.add_argument("--annotations", action="store_true", help="phantoms with burned-in overlays (make-phantoms --annotations)")
+    parser.add_argument("--geometry", choices=["linear", "sector"], default=None, help="one probe geometry for all phantoms")
+    parser.add_argument("--masks", default="truth", help="truth (label masks) or a precompute masker (felzenszwalb, kmeans)")
+    parser.add_argument("--no-scan-region", action="store_true", help="pipeline masks without the scan region (the code before it)")
     args = parser.parse_args(argv)
+    ANNOTATIONS.update(on=args.annotations, geometry=args.geometry)
     if args.quick:
         args.count, args.test_count, args.steps, args.batch_size = 24, 8, 4, 8
     torch.set_num_threads(1)
@@ -212,13 +265,18 @@ def main(argv=None) -> dict:
 
     items = build_corpus(args.out, count=args.count, size=args.size, seed=args.seed)
     train_items, test_items = items[: args.count - args.test_count], items[args.count - args.test_count:]
-    shards = write_shards(train_items, args.out / "shards")
+    results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    if args.masks == "truth":
+        shards = write_shards(train_items, args.out / "shards")
+    else:
+        shards, stats = pipeline_shards(train_items, args.out, masker=args.masks, scan_region=not args.no_scan_region, size=args.size)
+        results["mask_statistics"] = stats
+        print("mask statistics", json.dumps(stats), flush=True)
 
     from anaus_core.config import load_config
     from anaus_core.train import PretrainConfig
     from anaus_core.train.trainer import build_model
 
-    results: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     for name in args.only or ["random", "byol", "anaus"]:
         if name == "random":
             config = load_config(PretrainConfig, None, {"run.seed": args.seed})

@@ -27,7 +27,7 @@ from typing import Any, Container, Iterable, Iterator, Mapping
 
 MAGIC = b"ANAUSC01"
 TEMP_MARK = ".tmp-"
-STAGES = ("ingest", "mask", "pyramid", "pack")
+STAGES = ("ingest", "region", "mask", "pyramid", "pack")
 
 
 class CacheEntryError(Exception):

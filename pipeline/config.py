@@ -14,6 +14,8 @@ class PrecomputeConfig:
 
     Which settings feed which stage fingerprint (so what a change re-runs) is listed in
     docs/precompute.md: ``stored_size``/``every_nth_frame`` -> ingest and everything after;
+    ``scan_region``/``region_options`` -> scan region, mask and onwards (never ingest);
+    ``groups`` (the file's contents) -> pack only;
     masker, its options and checkpoint(s) (sha256 of ``checkpoint`` and ``sam_checkpoint``), ``min_area``/``max_masks``/``add_residual`` -> mask
     onwards; ``scales`` -> pyramid onwards; ``samples_per_shard`` -> pack only. Execution
     settings (workers, scheduler, batch size, device, progress) change no output.
@@ -30,6 +32,11 @@ class PrecomputeConfig:
     # -- ingest ----------------------------------------------------------------------------
     stored_size: int = 256
     every_nth_frame: int = 1
+    # -- scan region (one per source; every mask is clipped to it) ------------------------------
+    scan_region: bool = True  # False: the whole image is the region (as before scan regions)
+    region_options: dict[str, Any] = field(default_factory=dict)  # anaus_core.scan_region.ScanRegionConfig fields
+    # -- groups --------------------------------------------------------------------------------
+    groups: Optional[str] = None  # groups.csv (path,group); default: CORPUS/groups.csv when it exists
     # -- mask finalisation -------------------------------------------------------------------
     min_area: int = 16
     max_masks: int = 32

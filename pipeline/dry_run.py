@@ -14,7 +14,8 @@ from pipeline.stages import ErrorRecord
 
 
 
-def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], tables: RunTables, errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path) -> None:
+def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], tables: RunTables, errors: list[ErrorRecord], config, cache: StageCache, out_dir: Path,
+                  settings=None) -> None:
     frames_known, not_ingested = counts["frames_known"], counts["not_ingested"]
     stages = {
         "ingest": {"compute": not_ingested, "reuse": frames_known, "failed": sum(1 for e in errors if e.stage == "ingest")},
@@ -28,12 +29,12 @@ def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], tables: RunT
     groups = 0
     keys = 0
     current = set()
-    pack_options = {"scales": [int(s) for s in config.scales]}
+    pack_options = settings.pack_options if settings is not None else {"scales": [int(s) for s in config.scales], "groups": None}
     from pipeline.anatomy import parse_anatomy_source
 
     anatomy = parse_anatomy_source(config.anatomy, corpus=config.corpus)
     if anatomy is not None:  # as packing._shard_plan: the categories are part of a shard
-        pack_options.update(anatomy.pack_option())
+        pack_options = {**pack_options, **anatomy.pack_option()}
     for group in shard_groups(tables.dry_run_keys(), config.samples_per_shard, lambda item: item[0]):
         groups += 1
         keys += len(group)

@@ -3,7 +3,8 @@
 Every stage output is keyed by a sha256 over canonical JSON of everything that determines it:
 
     ingest_fp  = H("ingest",  source sha256, D(ingest options,            INGEST_CODE_VERSION))
-    mask_fp    = H("mask",    ingest_fp, frame,
+    region_fp  = H("region",  ingest_fp, D(scan-region settings,          REGION_CODE_VERSION))
+    mask_fp    = H("mask",    ingest_fp, frame, region_fp,
                               D(masker fingerprint (incl. checkpoint sha256), finalize options,
                                                                           MASK_CODE_VERSION),
                               per-sample masker inputs (e.g. label sha256))
@@ -33,10 +34,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 
-INGEST_CODE_VERSION = 1
-MASK_CODE_VERSION = 1
+INGEST_CODE_VERSION = 2  # 2: colour maps and source info in the entry
+REGION_CODE_VERSION = 1
+MASK_CODE_VERSION = 2  # 2: masks clipped to the scan region, residual inside it
 PYRAMID_CODE_VERSION = 1
-PACK_CODE_VERSION = 1
+PACK_CODE_VERSION = 2  # 2: scan-region member, origin and group in the record
 
 HASH_CHUNK_BYTES = 1 << 20
 
@@ -84,7 +86,8 @@ def ingest_fingerprint(*, source_sha256: str, options: Mapping[str, Any] | str) 
 def stage_digest(stage: str, settings: Mapping[str, Any]) -> str:
     """Fingerprint of a stage's run-wide settings plus its code version; computed once per run
     so that the per-sample fingerprints below only hash a few short strings."""
-    code = {"ingest": INGEST_CODE_VERSION, "mask": MASK_CODE_VERSION, "pyramid": PYRAMID_CODE_VERSION, "pack": PACK_CODE_VERSION}[stage]
+    code = {"ingest": INGEST_CODE_VERSION, "region": REGION_CODE_VERSION, "mask": MASK_CODE_VERSION,
+            "pyramid": PYRAMID_CODE_VERSION, "pack": PACK_CODE_VERSION}[stage]
     return fingerprint({"stage": stage, "settings": dict(settings), "code": code})
 
 
@@ -96,7 +99,13 @@ def pyramid_stage_digest(scales: Iterable[int]) -> str:
     return stage_digest("pyramid", {"scales": [int(s) for s in scales]})
 
 
-def mask_fingerprint(*, ingest_fp: str, frame: int | None, mask_digest: str, sample_inputs: Mapping[str, Any] | str) -> str:
+def region_fingerprint(*, ingest_fp: str, region_digest: str) -> str:
+    """The scan region of one source (all its frames): ``region_digest`` is the
+    :func:`stage_digest` of the scan-region settings."""
+    return _sha(f"region\0{ingest_fp}\0{region_digest}")
+
+
+def mask_fingerprint(*, ingest_fp: str, frame: int | None, mask_digest: str, sample_inputs: Mapping[str, Any] | str, region_fp: str = "") -> str:
     """``mask_digest``: :func:`mask_stage_digest` (masker fingerprint incl. checkpoint sha256,
     finalize options, MASK_CODE_VERSION); ``sample_inputs``: per-sample files the masker reads
     (e.g. the label's sha256), or their :func:`canonical_json` (what the plan memo keeps)."""
@@ -104,7 +113,8 @@ def mask_fingerprint(*, ingest_fp: str, frame: int | None, mask_digest: str, sam
         inputs = sample_inputs
     else:
         inputs = canonical_json(dict(sample_inputs)) if sample_inputs else "{}"
-    return _sha(f"mask\0{ingest_fp}\0{'' if frame is None else int(frame)}\0{mask_digest}\0{inputs}")
+    region = f"\0{region_fp}" if region_fp else ""  # masks are clipped to the source's scan region
+    return _sha(f"mask\0{ingest_fp}\0{'' if frame is None else int(frame)}\0{mask_digest}\0{inputs}{region}")
 
 
 def pyramid_fingerprint(*, mask_fp: str, pyramid_digest: str) -> str:

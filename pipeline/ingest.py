@@ -28,7 +28,7 @@ import hashlib
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
@@ -38,7 +38,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from anaus_core.errors import UserInputError
 from anaus_core.maskers.base import SampleError
 
-CODE_VERSION = "ingest-1"
+CODE_VERSION = "ingest-2"  # 2: colour maps of coloured sources, source info (DICOM UIDs)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom", ".dic"})
@@ -82,6 +82,9 @@ class IngestedImage:
         image: uint8 (H, W) grayscale at the stored size.
         original_size: (height, width) of the decoded frame before resizing.
         source_sha256: hex sha256 of the whole source file's bytes.
+        colour: bool (H, W) at the stored size, True where the source pixel is coloured (an
+            overlay drawn in colour on a gray scan), or None for gray sources.
+        source_info: what the sample came from besides its path (``SourceInfo.to_dict``).
     """
 
     key: str
@@ -90,6 +93,28 @@ class IngestedImage:
     image: np.ndarray
     original_size: tuple[int, int]
     source_sha256: str
+    colour: np.ndarray | None = None
+    source_info: dict | None = None
+
+
+#: DICOM attributes that say which patient, study and series a frame belongs to.
+DICOM_GROUP_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass
+class SourceInfo:
+    """What one source file is, for grouping its samples (``docs/shard-format.md``, record
+    ``origin``): ``kind`` is "image", "multipage", "video" or "dicom"; ``dicom`` holds the
+    PatientID / StudyInstanceUID / SeriesInstanceUID present in the file."""
+
+    kind: str = "image"
+    dicom: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data: dict = {"kind": self.kind}
+        if self.dicom:
+            data["dicom"] = dict(self.dicom)
+        return data
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -359,6 +384,21 @@ def to_uint8_gray(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+#: A pixel is coloured when its channels differ by more than this (0..255): gray scans stored as
+#: RGB (and their JPEG noise) stay below it, overlays drawn in colour are far above it.
+COLOUR_CHROMA = 48
+
+
+def colour_mask(array: np.ndarray) -> np.ndarray | None:
+    """bool (H, W), True where an RGB(A) uint8 pixel is coloured (max - min channel above
+    ``COLOUR_CHROMA``); None for anything that is not 8-bit colour."""
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+        return None
+    rgb = array[..., :3]
+    return (rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)) > COLOUR_CHROMA
+
+
 def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
     values = array.astype(np.float64, copy=False)
     finite = np.isfinite(values)
@@ -390,7 +430,15 @@ def resize_gray(image: np.ndarray, stored_size: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(image, "L").resize((new_w, new_h), Image.Resampling.LANCZOS))
 
 
-# -- decoders (each yields (frame or None, uint8 (H, W) at original size)) ---------------------
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A bool (H, W) mask resized to ``shape`` (nearest neighbour)."""
+    if mask.shape == tuple(shape):
+        return np.ascontiguousarray(mask, dtype=bool)
+    image = Image.fromarray(np.asarray(mask, np.uint8) * 255, "L").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+    return np.asarray(image) > 127
+
+
+# -- decoders (each yields (frame or None, uint8 (H, W) at original size, colour mask or None)) --
 def _pil_mode_to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "L":
@@ -410,7 +458,16 @@ def _pil_mode_to_array(img: Image.Image) -> np.ndarray:
     return to_uint8_gray(np.asarray(img))
 
 
-def _decode_pillow(path: Path) -> list[tuple[int | None, np.ndarray]]:
+_COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+def _pil_colour(img: Image.Image) -> np.ndarray | None:
+    if img.mode not in _COLOUR_MODES:
+        return None
+    return colour_mask(np.asarray(img.convert("RGB")))
+
+
+def _decode_pillow(path: Path, info: SourceInfo | None = None) -> list[tuple[int | None, np.ndarray, np.ndarray | None]]:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Somebody relaxed Pillow's global default; truncated files would load half-grey.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; ingest needs it False")
@@ -433,7 +490,9 @@ def _decode_pillow(path: Path) -> list[tuple[int | None, np.ndarray]]:
                         _check_dimensions(img.size[1], img.size[0], f"page {index}")
                     img.load()
                     frame_img = img if multi else ImageOps.exif_transpose(img)
-                    frames.append(((index if multi else None), _pil_mode_to_array(frame_img)))
+                    frames.append(((index if multi else None), _pil_mode_to_array(frame_img), _pil_colour(frame_img)))
+                if multi and info is not None:
+                    info.kind = "multipage"
         except Image.DecompressionBombError as exc:
             raise IngestError(f"image is too large to decode safely ({_one_line(exc)})") from None
         except UnidentifiedImageError:
@@ -445,7 +504,7 @@ def _decode_pillow(path: Path) -> list[tuple[int | None, np.ndarray]]:
     return frames
 
 
-def _decode_tifffile(path: Path) -> Iterator[tuple[int | None, np.ndarray]]:
+def _decode_tifffile(path: Path) -> Iterator[tuple[int | None, np.ndarray, np.ndarray | None]]:
     import tifffile
 
     try:
@@ -462,14 +521,14 @@ def _decode_tifffile(path: Path) -> Iterator[tuple[int | None, np.ndarray]]:
                 array = page.asarray()
                 if array.ndim == 3 and not samples_last and array.shape[0] in (1, 3, 4):
                     array = np.moveaxis(array, 0, -1)
-                yield (index if multi else None), to_uint8_gray(array)
+                yield (index if multi else None), to_uint8_gray(array), colour_mask(array)
     except IngestError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise IngestError(f"corrupt or unsupported TIFF ({_one_line(exc)})") from None
 
 
-def _decode_dicom(path: Path) -> Iterator[tuple[int | None, np.ndarray]]:
+def _decode_dicom(path: Path, info: SourceInfo | None = None) -> Iterator[tuple[int | None, np.ndarray, np.ndarray | None]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels
@@ -488,6 +547,9 @@ def _decode_dicom(path: Path) -> Iterator[tuple[int | None, np.ndarray]]:
     except Exception as exc:
         raise IngestError(f"DICOM header lacks a valid image size ({_one_line(exc)})") from None
     _check_dimensions(rows, cols)
+    if info is not None:
+        info.kind = "dicom"
+        info.dicom = {tag: str(ds.get(tag)).strip() for tag in DICOM_GROUP_TAGS if ds.get(tag) not in (None, "")}
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     multi = n_frames > 1
     try:
@@ -499,7 +561,7 @@ def _decode_dicom(path: Path) -> Iterator[tuple[int | None, np.ndarray]]:
             gray = to_uint8_gray(array)
             if photometric == "MONOCHROME1":
                 gray = 255 - gray
-            yield (index if multi else None), gray
+            yield (index if multi else None), gray, colour_mask(array)
     except IngestError:
         raise
     except Exception as exc:  # decoders raise many types for truncated or unsupported data
@@ -517,7 +579,7 @@ def _dicom_monochrome(array: np.ndarray, ds, apply_modality_lut, apply_voi_lut) 
     return np.asarray(values, dtype=np.float64)  # always rescaled to its range: the window's output
 
 
-def _decode_video(path: Path, every_nth_frame: int) -> Iterator[tuple[int | None, np.ndarray]]:
+def _decode_video(path: Path, every_nth_frame: int, info: SourceInfo | None = None) -> Iterator[tuple[int | None, np.ndarray, np.ndarray | None]]:
     import av
 
     try:
@@ -529,13 +591,25 @@ def _decode_video(path: Path, every_nth_frame: int) -> Iterator[tuple[int | None
         if not container.streams.video:
             raise IngestError("file has no video stream")
         stream = container.streams.video[0]
+        if info is not None:
+            info.kind = "video"
         _check_dimensions(int(stream.codec_context.height or 1), int(stream.codec_context.width or 1), "video frame")
+        first_size = None
         for index, frame in enumerate(container.decode(stream)):
             if index % every_nth_frame:
                 continue
             _check_dimensions(frame.height, frame.width, "video frame")
+            if first_size is None:
+                first_size = (frame.width, frame.height)
+            elif (frame.width, frame.height) != first_size:
+                raise IngestError(
+                    f"frame {index} is {frame.width}x{frame.height}, the clip started at {first_size[0]}x{first_size[1]}: "
+                    "the geometry changes mid-clip (split the clip where it changes)"
+                )
             produced += 1
-            yield index, np.ascontiguousarray(frame.to_ndarray(format="gray"))
+            gray = np.ascontiguousarray(frame.to_ndarray(format="gray"))
+            colour = colour_mask(frame.to_ndarray(format="rgb24")) if frame.format.name not in ("gray", "gray8", "gray16le") else None
+            yield index, gray, colour
     except IngestError:
         raise
     except Exception as exc:
@@ -574,6 +648,15 @@ def decode_frames(path: str | os.PathLike, *, every_nth_frame: int = 1) -> Itera
     ``frame`` is None for single-frame sources. Raises ``IngestError`` (with a one-line reason)
     for missing, empty, non-image, corrupt, truncated or oversized files.
     """
+    for frame, gray, _ in decode_frames_with_colour(path, every_nth_frame=every_nth_frame):
+        yield frame, gray
+
+
+def decode_frames_with_colour(
+    path: str | os.PathLike, *, every_nth_frame: int = 1, info: SourceInfo | None = None
+) -> Iterator[tuple[int | None, np.ndarray, np.ndarray | None]]:
+    """:func:`decode_frames` plus each frame's colour mask (:func:`colour_mask`, None for gray
+    sources); fills ``info`` (kind, DICOM UIDs) as it decodes."""
     path = Path(path)
     if every_nth_frame < 1:
         raise ValueError("every_nth_frame must be >= 1")
@@ -586,12 +669,12 @@ def decode_frames(path: str | os.PathLike, *, every_nth_frame: int = 1) -> Itera
     kind = _kind(path)
     try:
         if kind == "video":
-            yield from _decode_video(path, every_nth_frame)
+            yield from _decode_video(path, every_nth_frame, info)
         elif kind == "dicom":
-            yield from _decode_dicom(path)
+            yield from _decode_dicom(path, info)
         else:
             try:
-                yield from _decode_pillow(path)
+                yield from _decode_pillow(path, info)
             except IngestError as pil_error:
                 # Pillow lacks some TIFF flavours (float, planar, exotic compression): tifffile.
                 if not _is_tiff(path) or "too large" in pil_error.reason or "limit" in pil_error.reason:
@@ -617,14 +700,27 @@ def iter_ingest_source(
         raise IngestError("file not found", path=source.path) from None
     except OSError as exc:
         raise IngestError(f"cannot read file ({exc.strerror or exc})", path=source.path) from None
-    for frame, gray in decode_frames(source.path, every_nth_frame=every_nth_frame):
+    info = SourceInfo()
+    first_shape = None
+    for frame, gray, colour in decode_frames_with_colour(source.path, every_nth_frame=every_nth_frame, info=info):
+        if first_shape is None:
+            first_shape = gray.shape
+        elif gray.shape != first_shape:
+            raise IngestError(
+                f"frame {frame} is {gray.shape[1]}x{gray.shape[0]}, the first frame {first_shape[1]}x{first_shape[0]}: "
+                "the geometry changes mid-clip (split the file where it changes)",
+                path=source.path,
+            )
+        image = resize_gray(gray, stored_size)
         yield IngestedImage(
             key=make_key(source.relpath, frame),
             relpath=source.relpath,
             frame=frame,
-            image=resize_gray(gray, stored_size),
+            image=image,
             original_size=(int(gray.shape[0]), int(gray.shape[1])),
             source_sha256=digest,
+            colour=None if colour is None or not colour.any() else resize_mask(colour, image.shape),
+            source_info=info.to_dict(),
         )
 
 
@@ -644,6 +740,84 @@ def ingest_source(source: SourceFile, *, stored_size: int | None = 256, every_nt
     return list(iter_ingest_source(source, stored_size=stored_size, every_nth_frame=every_nth_frame))
 
 
+# -- groups ------------------------------------------------------------------------------------
+GROUPS_FILE = "groups.csv"
+
+
+def read_groups_csv(path: str | os.PathLike) -> dict[str, str]:
+    """``groups.csv`` -> {relpath: group}. The file has a header with the columns ``path`` (a
+    source path relative to the corpus root, '/'-separated) and ``group`` (any text, e.g. a
+    patient id); other columns are ignored. Raises ``UserInputError`` naming the file and line."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "path" not in reader.fieldnames or "group" not in reader.fieldnames:
+                raise UserInputError(f"{path}: needs a header with the columns 'path' and 'group' (got {reader.fieldnames})")
+            groups: dict[str, str] = {}
+            for line, row in enumerate(reader, start=2):
+                relpath = str(PurePosixPath(str(row.get("path") or "").strip().replace("\\", "/")))
+                group = str(row.get("group") or "").strip()
+                if relpath in ("", ".") or not group:
+                    raise UserInputError(f"{path}: line {line}: empty path or group")
+                if groups.get(relpath, group) != group:
+                    raise UserInputError(f"{path}: line {line}: {relpath} is given two groups ({groups[relpath]!r}, {group!r})")
+                groups[relpath] = group
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise UserInputError(f"{path}: not a CSV file ({exc})") from None
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return groups
+
+
+def sample_group(relpath: str, info: dict | None, groups: dict[str, str] | None = None) -> tuple[str, str]:
+    """(group, where it came from) of a sample of ``relpath``: the ``groups.csv`` entry when
+    there is one ("groups.csv"), else the DICOM PatientID, StudyInstanceUID or
+    SeriesInstanceUID, the first present ("dicom:<tag>"), else the file itself ("file": every
+    frame of a video or multi-frame file stays in its file's group)."""
+    if groups and relpath in groups:
+        return groups[relpath], GROUPS_FILE
+    dicom = (info or {}).get("dicom") or {}
+    for tag in DICOM_GROUP_TAGS:
+        if dicom.get(tag):
+            return f"{tag}:{dicom[tag]}", f"dicom:{tag}"
+    return relpath, "file"
+
+
+@dataclass
+class DecodedSource:
+    """One source file decoded: its samples, what it is and which group it belongs to."""
+
+    relpath: str
+    frames: list[IngestedImage]
+    info: dict
+    group: str
+    group_source: str
+
+
+def decode_source(
+    path: str | os.PathLike, *, relpath: str | None = None, stored_size: int | None = None, every_nth_frame: int = 1,
+    groups: dict[str, str] | None = None,
+) -> DecodedSource:
+    """Decode one file exactly as the precompute ingest does: its frames (uint8, short side
+    ``stored_size``; None keeps the size) with their colour maps, the source info (kind, DICOM
+    PatientID / StudyInstanceUID / SeriesInstanceUID) and its group (:func:`sample_group`).
+
+    ``relpath`` (default: the file name) names the file in keys and in ``groups``. Raises
+    ``IngestError`` (one-line reason, ``path`` set) for a file that cannot be ingested.
+    """
+    path = Path(path)
+    relpath = relpath or path.name
+    frames = ingest_source(SourceFile(path=path, relpath=relpath), stored_size=stored_size, every_nth_frame=every_nth_frame)
+    info = frames[0].source_info or {"kind": "image"}
+    group, group_source = sample_group(relpath, info, groups)
+    return DecodedSource(relpath=relpath, frames=frames, info=info, group=group, group_source=group_source)
+
+
 def ingest_fingerprint(*, stored_size: int | None, every_nth_frame: int) -> dict:
     """Everything besides the source bytes that determines the ingest output."""
     return {"stage": "ingest", "code_version": CODE_VERSION, "stored_size": stored_size, "every_nth_frame": every_nth_frame}
@@ -651,6 +825,14 @@ def ingest_fingerprint(*, stored_size: int | None, every_nth_frame: int) -> dict
 
 __all__ = [
     "CODE_VERSION",
+    "DecodedSource",
+    "GROUPS_FILE",
+    "SourceInfo",
+    "colour_mask",
+    "decode_frames_with_colour",
+    "decode_source",
+    "read_groups_csv",
+    "sample_group",
     "IngestError",
     "IngestedImage",
     "SourceFile",

@@ -54,6 +54,8 @@ from pipeline.planning import (  # noqa: F401
     _plan_source,
     build_job_masker,
     masker_fingerprint_of,
+    groups_of,
+    region_options_of,
 )
 from pipeline.report import EXIT_OK, EXIT_SKIPPED, EXIT_STRICT_FAILURE, PrecomputeReport, StageProgress, render_report, write_errors
 from pipeline.sample_table import RunTables
@@ -123,6 +125,8 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     spec = MaskerSpec(name=config.masker, options_json=canonical_json(masker_options), fingerprint_json=canonical_json(masker_fp))
     ingest_options = ingest_options_of(stored_size=config.stored_size, every_nth_frame=config.every_nth_frame)
     finalize_options = {"min_area": config.min_area, "max_masks": config.max_masks, "add_residual": config.add_residual}
+    region_options = region_options_of(config)
+    groups, groups_sha = groups_of(config)
     settings = StageSettings(
         cache_root=str(cache_root.resolve()),
         stored_size=config.stored_size,
@@ -135,6 +139,9 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
         ingest_digest=stage_digest("ingest", ingest_options),
         mask_digest=mask_stage_digest(masker_fingerprint=masker_fp, finalize_options=finalize_options),
         pyramid_digest=pyramid_stage_digest(config.scales),
+        region_options=region_options,
+        region_digest=stage_digest("region", region_options),
+        groups_sha256=groups_sha,
     )
 
     # Per-source and per-sample facts go into a scratch SQLite file (pipeline/sample_table.py),
@@ -149,7 +156,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
     try:
         stat_cache = StatCache(cache_root / STAT_CACHE_NAME, readonly=config.dry_run)
         memo = PlanMemo(cache_root / MEMO_NAME, record=not config.dry_run)
-        return _run_with_tables(config, out_dir, report, cache, sources, masker, masker_fp, spec, settings, tables, stat_cache, memo, client=client, started=started)
+        return _run_with_tables(config, out_dir, report, cache, sources, masker, masker_fp, spec, settings, tables, stat_cache, memo, client=client, started=started, groups=groups)
     finally:
         for closable in (memo, stat_cache, tables):
             if closable is not None:
@@ -157,7 +164,8 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
 
 
 def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: StageCache, sources, masker, masker_fp, spec, settings: StageSettings,
-                     tables: RunTables, stat_cache: StatCache, memo: PlanMemo, *, client, started: float) -> PrecomputeReport:
+                     tables: RunTables, stat_cache: StatCache, memo: PlanMemo, *, client, started: float,
+                     groups: dict[str, str] | None = None) -> PrecomputeReport:
     # -- 1. plan ------------------------------------------------------------------------------
     plan_start = time.perf_counter()
     errors: list[ErrorRecord] = []  # skipped inputs only: grows with errors, not with the corpus
@@ -183,7 +191,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
         plan = _plan_source(task, cache, masker, settings, memo, tables)
         if plan.status == "failed":
             errors.append(plan.error)
-            report.stages["ingest"].failed += 1
+            report.stages[plan.error.stage].failed += 1
         elif plan.status == "run":
             tables.mark_to_run(row)
             if config.dry_run:
@@ -199,7 +207,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     report.plan_seconds = time.perf_counter() - plan_start
 
     if config.dry_run:
-        _dry_run_plan(report, counts, tables, errors, config, cache, out_dir)
+        _dry_run_plan(report, counts, tables, errors, config, cache, out_dir, settings)
         report.errors = [e.to_dict() for e in errors]
         report.wall_seconds = time.perf_counter() - started
         return report
@@ -207,7 +215,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     # -- 2. run the stage chain where something is missing ----------------------------------
     known = len(tables)
     to_run = tables.count_to_run()
-    for stage in ("ingest", "mask", "pyramid"):
+    for stage in ("ingest", "region", "mask", "pyramid"):
         report.stages[stage].reused += known
 
     executor = None
@@ -260,7 +268,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
             report.exit_code = EXIT_STRICT_FAILURE
         else:
             try:
-                shard_fps = _pack_and_index(report, tables, settings, config, cache, out_dir, masker_fp, executor, client, progress)
+                shard_fps = _pack_and_index(report, tables, settings, config, cache, out_dir, masker_fp, executor, client, progress, groups=groups)
             finally:
                 if executor is not None:
                     executor.close()
@@ -271,6 +279,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     stat_cache.save(keep=tables.source_paths())
     if config.gc:
         referenced = {stage: tables.referenced(stage) for stage in ("ingest", "mask", "pyramid")}
+        # one region per source, named by its ingest fingerprint and this run's settings
+        referenced["region"] = {settings.region_fp(fp) for fp in tables.source_ingest_fps()}
         if shard_fps is not None:
             referenced["pack"] = shard_fps
         removed, _freed = cache.garbage_collect(referenced)

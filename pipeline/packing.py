@@ -83,14 +83,21 @@ def shard_groups(items: Iterable[Any], samples_per_shard: int, key_of: Callable[
 def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeConfig, anatomy=None) -> list[tuple[str, str, int, int]]:
     """(shard fingerprint, shard file name, first position, stop position) in key order; one
     tuple per shard (so it grows with the number of shards, not of samples)."""
-    pack_options = {"scales": list(settings.scales)}
+    pack_options = settings.pack_options
     if anatomy is not None:  # --anatomy: the categories are part of what a shard holds
-        pack_options.update(anatomy.pack_option())
+        pack_options = {**pack_options, **anatomy.pack_option()}
     planned = []
     for group in shard_groups(tables.packed_members(), config.samples_per_shard, lambda member: member.key):
         shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in group), pack_options)
         planned.append((shard_fp, shard_name(shard_fp), group[0].position, group[-1].position + 1))
     return planned
+
+
+def _shard_task(out_dir: Path, name: str, shard_fp: str, refs, settings: StageSettings, groups: dict[str, str] | None,
+                anatomy=None) -> ShardTask:
+    members_groups = tuple((ref.relpath, groups[ref.relpath]) for ref in refs if groups and ref.relpath in groups)
+    return ShardTask(str(out_dir), name, shard_fp, refs, settings.cache_root, settings.scales,
+                     region_digest=settings.region_digest, groups=members_groups, anatomy=anatomy)
 
 
 def _load_pack_entries(cache_root: str, shard_fp: str):
@@ -121,10 +128,10 @@ def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: 
     return _summary(info, cache, shard_fp, len(info.samples))
 
 
-def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress) -> set[str]:
-    from shards.index import INDEX_NAME, read_manifest, write_index
-
+def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress,
+                    groups: dict[str, str] | None = None) -> set[str]:
     from pipeline.anatomy import index_anatomy, parse_anatomy_source
+    from shards.index import INDEX_NAME, read_manifest, write_index
 
     pack_start = time.perf_counter()
     anatomy = parse_anatomy_source(config.anatomy, corpus=config.corpus)
@@ -144,7 +151,7 @@ def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir:
         # Members become SampleRef objects one shard at a time, as the executor asks for work.
         fps = {name: shard_fp for shard_fp, name, _, _ in to_write}
         tasks = (
-            (ShardTask(str(out_dir), name, shard_fp, tables.packed_refs(start, stop), settings.cache_root, settings.scales, anatomy),)
+            (_shard_task(out_dir, name, shard_fp, tables.packed_refs(start, stop), settings, groups, anatomy),)
             for shard_fp, name, start, stop in to_write
         )
         own_executor = executor is None
@@ -211,6 +218,7 @@ def _index_matches_manifest(out_dir: Path, manifest: dict) -> bool:
 def _index_fingerprints(settings: StageSettings, masker_fp: dict, config: PrecomputeConfig) -> dict[str, str]:
     return {
         "ingest": settings.ingest_digest,
+        "region": settings.region_digest,
         "mask": settings.mask_digest,
         "pyramid": settings.pyramid_digest,
         "pack": stage_digest("pack", {"samples_per_shard": config.samples_per_shard}),

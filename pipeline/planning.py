@@ -72,6 +72,44 @@ def masker_fingerprint_of(config: PrecomputeConfig) -> dict:
     return build_job_masker(config)[0].fingerprint()
 
 
+def region_options_of(config: PrecomputeConfig) -> dict[str, Any]:
+    """The scan-region settings of ``config`` (``ScanRegionConfig`` fields + its code version),
+    what the region fingerprint hashes. Unknown keys raise ``UserInputError``."""
+    from dataclasses import fields
+
+    from anaus_core.scan_region import ScanRegionConfig
+
+    known = {f.name for f in fields(ScanRegionConfig)}
+    options = dict(config.region_options or {})
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserInputError(f"--region-option: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if not config.scan_region:
+        options["enabled"] = False
+    try:
+        return ScanRegionConfig(**options).to_dict()
+    except TypeError as exc:
+        raise UserInputError(f"--region-option: {exc}") from None
+
+
+def groups_of(config: PrecomputeConfig) -> tuple[dict[str, str], str | None]:
+    """({relpath: group} from groups.csv, sha256 of the file or None). The file is
+    ``config.groups`` or, when not given, ``groups.csv`` in the corpus folder if it exists."""
+    from pipeline.fingerprint import file_sha256
+    from pipeline.ingest import GROUPS_FILE, read_groups_csv
+
+    path = Path(config.groups) if config.groups else None
+    if path is None:
+        corpus = Path(config.corpus)
+        candidate = (corpus if corpus.is_dir() else corpus.parent) / GROUPS_FILE
+        path = candidate if candidate.is_file() else None
+    elif not path.is_file():
+        raise UserInputError(f"{path}: --groups file not found")
+    if path is None:
+        return {}, None
+    return read_groups_csv(path), file_sha256(path)
+
+
 def _check_config(config: PrecomputeConfig) -> None:
     if not config.corpus:
         raise UserInputError("precompute-masks: no corpus given")
@@ -220,6 +258,12 @@ def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSet
         if failure is not None:
             return SourcePlan("failed", error=ErrorRecord(task.relpath, "ingest", failure["reason"]))
         return SourcePlan("run")
+    region_fp = settings.region_fp(task.ingest_fp)
+    if not cache.has("region", region_fp):
+        failure = cache.get_failure("region", region_fp)
+        if failure is not None:
+            return SourcePlan("failed", error=ErrorRecord(task.relpath, "region", failure["reason"]))
+        return SourcePlan("run")
     frames = memo.ingest_frames(cache, task.ingest_fp)
     if frames is None:
         return SourcePlan("run")
@@ -235,7 +279,7 @@ def _plan_source(task: SourceTask, cache: StageCache, masker, settings: StageSet
             plan.masks_missing += 1
             plan.pyramids_missing += 1
             continue
-        mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, mask_digest=settings.mask_digest, sample_inputs=inputs)
+        mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, mask_digest=settings.mask_digest, sample_inputs=inputs, region_fp=region_fp)
         pyramid_fp = pyramid_fingerprint(mask_fp=mask_fp, pyramid_digest=settings.pyramid_digest)
         has_mask = cache.has("mask", mask_fp)
         has_pyramid = cache.has("pyramid", pyramid_fp)

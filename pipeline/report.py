@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from pipeline.cache import atomic_write_bytes
 
-STAGE_ORDER = ("ingest", "mask", "pyramid")
+STAGE_ORDER = ("ingest", "region", "mask", "pyramid")
 
 EXIT_OK = 0
 EXIT_SKIPPED = 1

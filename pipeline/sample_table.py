@@ -125,6 +125,17 @@ class RunTables:
         if batch:
             yield batch
 
+    def source_ingest_fps(self) -> Iterator[str]:
+        """The ingest fingerprint (hex) of every source, in row order."""
+        last = 0
+        while True:
+            rows = self._db.execute("SELECT row, ingest_fp FROM sources WHERE row > ? ORDER BY row LIMIT ?", (last, _PAGE)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            for _, fp in rows:
+                yield bytes(fp).hex()
+
     def source_paths(self) -> Iterator[str]:
         last = 0
         while True:

@@ -1,4 +1,6 @@
-"""The per-sample stage chain (ingest -> mask -> pyramid) and the pack stage, as picklable tasks.
+"""The per-sample stage chain (ingest -> scan region -> mask -> pyramid) and the pack stage, as
+picklable tasks. The scan region is found once per source (all frames of a clip together) and
+every mask of the source is clipped to it (``MaskSet.finalize(region=...)``).
 
 These functions run wherever the executor puts them: in the driver, in local worker processes
 or on ``dask.distributed`` workers. Each reads and writes only content-addressed cache entries
@@ -24,7 +26,7 @@ import numpy as np
 from anaus_core.maskers.base import ImageMeta, SampleError
 from anaus_core.maskset import MaskSet
 from pipeline.cache import CacheEntryError, StageCache
-from pipeline.fingerprint import mask_fingerprint, pyramid_fingerprint
+from pipeline.fingerprint import mask_fingerprint, pyramid_fingerprint, region_fingerprint
 from pipeline.ingest import make_key
 
 # Entries in the cache are read and written many times; speed matters more than ratio there
@@ -66,6 +68,17 @@ class StageSettings:
     ingest_digest: str  # pipeline.fingerprint.stage_digest of the ingest options
     mask_digest: str  # ... of masker fingerprint + finalize options
     pyramid_digest: str  # ... of the scales
+    region_options: Mapping[str, Any] = field(default_factory=dict)  # anaus_core.scan_region.ScanRegionConfig fields
+    region_digest: str = ""  # ... of the scan-region settings
+    groups_sha256: str | None = None  # of the groups.csv in use (enters the shard fingerprints)
+
+    @property
+    def pack_options(self) -> dict[str, Any]:
+        """What besides the members' fingerprints makes a shard's bytes."""
+        return {"scales": [int(s) for s in self.scales], "groups": self.groups_sha256}
+
+    def region_fp(self, ingest_fp: str) -> str:
+        return region_fingerprint(ingest_fp=ingest_fp, region_digest=self.region_digest)
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ class StageTally:
 class TaskResult:
     samples: list[SampleRef] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
-    tallies: dict[str, StageTally] = field(default_factory=lambda: {s: StageTally() for s in ("ingest", "mask", "pyramid")})
+    tallies: dict[str, StageTally] = field(default_factory=lambda: {s: StageTally() for s in ("ingest", "region", "mask", "pyramid")})
     masker_seconds: float = 0.0
     cache_bytes_written: int = 0
     sources_done: int = 0
@@ -139,16 +152,43 @@ class TaskResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_ingest_entry(relpath: str, source_sha256: str, frames: Sequence[tuple[str, int | None, tuple[int, int], np.ndarray]]):
-    meta = {"relpath": relpath, "source_sha256": source_sha256, "frames": []}
+def encode_ingest_entry(relpath: str, source_sha256: str, frames: Sequence[tuple], source_info: Mapping[str, Any] | None = None):
+    """``frames``: (key, frame, original size, uint8 image[, bool colour map or None]) each."""
+    meta = {"relpath": relpath, "source_sha256": source_sha256, "frames": [], "source_info": dict(source_info or {"kind": "image"})}
     sections = {}
-    for index, (key, frame, original_size, image) in enumerate(frames):
+    for index, (key, frame, original_size, image, *rest) in enumerate(frames):
         image = np.ascontiguousarray(image, dtype=np.uint8)
+        colour = rest[0] if rest else None
         # Keys are not stored: they derive from the path, which is not part of the (content)
         # fingerprint; two files with equal bytes share this entry under their own keys.
-        meta["frames"].append({"frame": frame, "original_size": list(original_size), "shape": list(image.shape)})
+        entry = {"frame": frame, "original_size": list(original_size), "shape": list(image.shape)}
         sections[f"image{index}"] = zlib.compress(image.tobytes(), 1)
+        if colour is not None:
+            entry["colour"] = True
+            sections[f"colour{index}"] = zlib.compress(np.packbits(np.asarray(colour, bool)).tobytes(), 1)
+        meta["frames"].append(entry)
     return meta, sections
+
+
+def decode_ingest_colour(meta: Mapping[str, Any], sections: Mapping[str, bytes], index: int) -> np.ndarray | None:
+    frame = meta["frames"][index]
+    if not frame.get("colour"):
+        return None
+    shape = tuple(frame["shape"])
+    bits = np.frombuffer(zlib.decompress(sections[f"colour{index}"]), np.uint8)
+    return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+
+
+def encode_region_entry(region: np.ndarray, info: Mapping[str, Any]):
+    region = np.asarray(region, bool)
+    meta = {"shape": list(region.shape), "info": dict(info)}
+    return meta, {"region": zlib.compress(np.packbits(region).tobytes(), 6)}
+
+
+def decode_region_entry(meta: Mapping[str, Any], sections: Mapping[str, bytes]) -> np.ndarray:
+    shape = tuple(meta["shape"])
+    bits = np.frombuffer(zlib.decompress(sections["region"]), np.uint8)
+    return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
 
 
 def decode_ingest_image(meta: Mapping[str, Any], sections: Mapping[str, bytes], index: int) -> np.ndarray:
@@ -273,6 +313,10 @@ def run_source_batch(tasks: Sequence[SourceTask], settings: StageSettings, inges
         if frames is None:
             continue
         meta, sections = frames
+        region = _scan_region(task, meta, sections, settings, cache, result)
+        if region is None:
+            continue
+        region_fp = settings.region_fp(task.ingest_fp)
         for index, frame_meta in enumerate(meta["frames"]):
             if masker is None:
                 masker = get_masker(settings.masker)
@@ -285,9 +329,9 @@ def run_source_batch(tasks: Sequence[SourceTask], settings: StageSettings, inges
                 result.errors.append(ErrorRecord(task.relpath, "mask", _one_line(exc), key))
                 result.tallies["mask"].failed += 1
                 continue
-            mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, mask_digest=settings.mask_digest, sample_inputs=inputs)
+            mask_fp = mask_fingerprint(ingest_fp=task.ingest_fp, frame=frame, mask_digest=settings.mask_digest, sample_inputs=inputs, region_fp=region_fp)
             item = {
-                "task": task, "index": index, "frame_meta": frame_meta, "meta": imeta, "mask_fp": mask_fp,
+                "task": task, "index": index, "frame_meta": frame_meta, "meta": imeta, "mask_fp": mask_fp, "region": region,
                 "pyramid_fp": pyramid_fingerprint(mask_fp=mask_fp, pyramid_digest=settings.pyramid_digest), "sections": sections, "ingest_meta": meta,
             }
             if cache.has("mask", mask_fp):
@@ -328,10 +372,9 @@ def _ingest(task: SourceTask, settings: StageSettings, cache: StageCache, result
     start = time.perf_counter()
     try:
         source = SourceFile(path=Path(task.path), relpath=task.relpath)
-        frames = [
-            (item.key, item.frame, item.original_size, item.image)
-            for item in iter_ingest_source(source, stored_size=settings.stored_size, every_nth_frame=settings.every_nth_frame, source_sha256=task.source_sha256)
-        ]
+        items = list(iter_ingest_source(source, stored_size=settings.stored_size, every_nth_frame=settings.every_nth_frame, source_sha256=task.source_sha256))
+        frames = [(item.key, item.frame, item.original_size, item.image, item.colour) for item in items]
+        source_info = items[0].source_info if items else None
     except IngestError as exc:
         tally.seconds += time.perf_counter() - start
         reason = _one_line(exc)
@@ -346,18 +389,69 @@ def _ingest(task: SourceTask, settings: StageSettings, cache: StageCache, result
         result.errors.append(ErrorRecord(task.relpath, "ingest", f"unexpected {type(exc).__name__}: {_one_line(exc)}"))
         tally.failed += 1
         return None
-    meta, sections = encode_ingest_entry(task.relpath, task.source_sha256, frames)
+    meta, sections = encode_ingest_entry(task.relpath, task.source_sha256, frames, source_info)
     result.cache_bytes_written += cache.put("ingest", task.ingest_fp, meta, sections)
     tally.seconds += time.perf_counter() - start
     tally.computed += len(frames)
     return meta, sections
 
 
+def _scan_region(task: SourceTask, meta: Mapping[str, Any], sections: Mapping[str, bytes], settings: StageSettings, cache: StageCache,
+                 result: TaskResult) -> np.ndarray | None:
+    """The scan region of a source (all its frames), from the cache or computed; None (error
+    recorded, failure cached) when it has none."""
+    from anaus_core.scan_region import ScanRegionConfig, ScanRegionError, detect_scan_region
+
+    tally = result.tallies["region"]
+    region_fp = settings.region_fp(task.ingest_fp)
+    if cache.has("region", region_fp):
+        try:
+            region = decode_region_entry(*cache.get("region", region_fp))
+            tally.reused += len(meta["frames"])  # counted per sample, as ingest is
+            return region
+        except CacheEntryError:
+            pass  # damaged entry: recompute
+    failure = cache.get_failure("region", region_fp)
+    if failure is not None:
+        result.errors.append(ErrorRecord(task.relpath, "region", failure["reason"]))
+        tally.failed += 1
+        return None
+    start = time.perf_counter()
+    count = len(meta["frames"])
+    try:
+        config = ScanRegionConfig(**{k: v for k, v in settings.region_options.items() if k != "code_version"})
+        # evenly spaced frames (as many as the detector uses): a long clip is not decoded whole
+        chosen = sorted({int(round(i)) for i in np.linspace(0, count - 1, min(count, config.max_frames))})
+        frames = [decode_ingest_image(meta, sections, i) for i in chosen]
+        colours = [decode_ingest_colour(meta, sections, i) for i in chosen]
+        found = detect_scan_region(np.stack(frames), colour=colours if any(c is not None for c in colours) else None, config=config)
+    except (ScanRegionError, ValueError) as exc:
+        reason = _one_line(exc)
+        cache.put_failure("region", region_fp, {"path": task.relpath, "stage": "region", "reason": reason})
+        result.errors.append(ErrorRecord(task.relpath, "region", reason))
+        tally.failed += 1
+        tally.seconds += time.perf_counter() - start
+        return None
+    except Exception as exc:  # a bug must not stop the other files; not cached
+        result.errors.append(ErrorRecord(task.relpath, "region", f"unexpected {type(exc).__name__}: {_one_line(exc)}"))
+        tally.failed += 1
+        tally.seconds += time.perf_counter() - start
+        return None
+    entry_meta, entry_sections = encode_region_entry(found.mask, found.info)
+    result.cache_bytes_written += cache.put("region", region_fp, entry_meta, entry_sections)
+    tally.computed += count
+    tally.seconds += time.perf_counter() - start
+    return found.mask
+
+
 def _mask_batch(items: list[dict[str, Any]], masker, settings: StageSettings, cache: StageCache, result: TaskResult) -> None:
     tally = result.tallies["mask"]
     start = time.perf_counter()
     images = [decode_ingest_image(item["ingest_meta"], item["sections"], item["index"]) for item in items]
-    outputs = _call_masker(masker, images, [item["meta"] for item in items], result)
+    # the masker sees the scan region (weight-free maskers work inside it); finalize clips to it
+    metas = [ImageMeta(key=item["meta"].key, relpath=item["meta"].relpath, frame=item["meta"].frame,
+                       extra={**item["meta"].extra, "scan_region": item["region"]}) for item in items]
+    outputs = _call_masker(masker, images, metas, result)
     finished: list[tuple[dict[str, Any], MaskSet]] = []
     for item, image, output in zip(items, images, outputs):
         relpath, key = item["task"].relpath, item["meta"].key
@@ -374,7 +468,11 @@ def _mask_batch(items: list[dict[str, Any]], masker, settings: StageSettings, ca
             result.errors.append(ErrorRecord(relpath, "mask", f"masker returned masks of {output.shape}, image is {image.shape}", key))
             tally.failed += 1
             continue
-        final = output.finalize(**settings.finalize_options)
+        if item["region"].shape != image.shape:
+            result.errors.append(ErrorRecord(relpath, "mask", f"scan region is {item['region'].shape}, image is {image.shape}", key))
+            tally.failed += 1
+            continue
+        final = output.finalize(**settings.finalize_options, region=item["region"])
         meta, sections = encode_mask_entry(final)
         result.cache_bytes_written += cache.put("mask", item["mask_fp"], meta, sections)
         tally.computed += 1
@@ -445,6 +543,8 @@ class ShardTask:
     members: tuple[SampleRef, ...]
     cache_root: str
     scales: tuple[int, ...]
+    region_digest: str = ""
+    groups: tuple[tuple[str, str], ...] = ()  # (relpath, group) from groups.csv, for these members
     anatomy: Any = None  # pipeline.anatomy.AnatomySource: a category per sample (--anatomy)
 
 
@@ -465,8 +565,12 @@ def sample_record(ref: SampleRef) -> dict[str, Any]:
     }
 
 
-def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int], anatomy: str | None = None):
-    """Assemble the ``ShardSample`` of ``ref`` from its three cache entries (+ its anatomy category)."""
+def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int], *, region_digest: str = "",
+                      groups: Mapping[str, str] | None = None, anatomy: str | None = None):
+    """Assemble the ``ShardSample`` of ``ref`` from its cache entries (ingest, scan region,
+    mask, pyramid); the record gets the region's facts, the sample's origin and its group."""
+    from pipeline.fingerprint import region_fingerprint
+    from pipeline.ingest import sample_group
     from shards.sample import ShardSample
 
     ingest_meta, ingest_sections = cache.get("ingest", ref.ingest_fp)
@@ -476,10 +580,26 @@ def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int], 
     pyramid = decode_pyramid_entry(pyramid_sections)
     pyramid = {int(s): pyramid[int(s)] for s in scales}
     record = sample_record(ref)
+    info = dict(ingest_meta.get("source_info") or {"kind": "image"})
+    origin = {"kind": info.get("kind", "image"), "file": ref.relpath}
+    if ref.frame is not None:
+        origin["frame"] = int(ref.frame)
+    if info.get("dicom"):
+        origin["dicom"] = dict(info["dicom"])
+    group, group_source = sample_group(ref.relpath, info, dict(groups or {}))
+    record["origin"] = origin
+    record["group"] = {"id": group, "source": group_source}
+    region = None
+    if region_digest:
+        region_fp = region_fingerprint(ingest_fp=ref.ingest_fp, region_digest=region_digest)
+        region_meta, region_sections = cache.get("region", region_fp)
+        region = decode_region_entry(region_meta, region_sections)
+        record["fingerprints"]["region"] = region_fp
+        record["scan_region"] = dict(region_meta.get("info", {}))
     record["masks"] = mask_set.records()
-    if anatomy is not None:
+    if anatomy is not None:  # precompute-masks --anatomy (pipeline/anatomy.py)
         record["anatomy"] = anatomy
-    return ShardSample(key=ref.key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record)
+    return ShardSample(key=ref.key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record, scan_region=region)
 
 
 def write_shard_task(task: ShardTask) -> ShardResult:
@@ -488,13 +608,15 @@ def write_shard_task(task: ShardTask) -> ShardResult:
 
     start = time.perf_counter()
     cache = StageCache(task.cache_root)
+    groups = dict(task.groups)
     categories = [None] * len(task.members)
     if task.anatomy is not None:
         from pipeline.anatomy import AnatomyResolver
 
         categories = AnatomyResolver(task.anatomy).categories(task.members, cache)
     info = write_shard(Path(task.out_dir) / task.name,
-                       (load_shard_sample(ref, cache, task.scales, anatomy) for ref, anatomy in zip(task.members, categories)))
+                       (load_shard_sample(ref, cache, task.scales, region_digest=task.region_digest, groups=groups, anatomy=anatomy)
+                        for ref, anatomy in zip(task.members, categories)))
     _fault_point("shard")
     sidecar = shard_info_to_dict(info)
     if task.anatomy is not None:
@@ -509,7 +631,7 @@ def write_shard_task(task: ShardTask) -> ShardResult:
 def shard_info_to_dict(info) -> dict[str, Any]:
     return {
         "name": info.name, "sha256": info.sha256, "size": info.size,
-        "samples": [[e.key, e.offset, e.size, e.mask_count, list(e.mask_areas), e.source_hash] for e in info.samples],
+        "samples": [[e.key, e.offset, e.size, e.mask_count, list(e.mask_areas), e.source_hash, e.group] for e in info.samples],
     }
 
 

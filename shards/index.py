@@ -14,6 +14,8 @@ array                     dtype      meaning
 ``mask_areas``            int64      all mask areas (pixels), row after row (ragged, flat)
 ``mask_areas_start``      int64      (N + 1) row starts into ``mask_areas``
 ``source_hash``           string     sha256 of the source file (from the record)
+``group``                 string     the record's group id (patient, study, clip, groups.csv
+                                     entry; ``docs/shard-format.md``); absent in older stores
 ``anatomy``               int16      optional (``precompute-masks --anatomy``): category code
 ========================  =========  ===========================================================
 
@@ -131,8 +133,8 @@ def _check_final(out_dir: Path, info: ShardInfo) -> None:
         raise ValueError(f"{path}: {path.stat().st_size} bytes on disk, ShardInfo says {info.size}; refusing to index it")
 
 
-_COLUMNS = ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash")
-_TEXT_COLUMNS = ("key", "source_hash")
+_COLUMNS = ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash", "group")
+_TEXT_COLUMNS = ("key", "source_hash", "group")
 _COLUMN_DTYPES = {"shard": np.int32, "offset": np.int64, "size": np.int64, "mask_count": np.int32, "mask_areas": np.int64, "mask_areas_start": np.int64,
                  "anatomy": np.int16}  # anatomy: optional (precompute-masks --anatomy)
 
@@ -148,6 +150,7 @@ def _shard_pieces(number: int, table: SampleEntryTable, area_base: int) -> dict[
         "mask_areas": table.mask_areas,
         "mask_areas_start": table.area_starts[:-1] + area_base,
         "source_hash": table.source_hashes,
+        "group": table.groups,
     }
 
 
@@ -337,6 +340,7 @@ class ShardIndex:
         # ``precompute-masks --anatomy``: int16 codes into ``anatomy_categories`` (None without)
         self.anatomy_categories: list[str] | None = list(attrs["anatomy_categories"]) if "anatomy_categories" in attrs else None
         self.anatomy = np.asarray(columns["anatomy"], np.int64) if columns.get("anatomy") is not None else None
+        self.group: list[str] = list(columns.get("group") or [""] * len(self.keys))
         self._position = {key: i for i, key in enumerate(self.keys)}
 
     def __len__(self) -> int:
@@ -377,6 +381,7 @@ class ShardIndex:
                     mask_count=int(self.mask_count[row]),
                     mask_areas=tuple(int(a) for a in self.areas_of(row)),
                     source_hash=self.source_hash[row],
+                    group=self.group[row],
                 )
                 for row in self.rows_of_shard(number)
             ]
@@ -419,6 +424,8 @@ def read_index(out_dir: str | os.PathLike) -> ShardIndex:
         columns["key"] = columns["key"].tolist()
         columns["source_hash"] = columns["source_hash"].tolist()
         columns["anatomy"] = group["anatomy"][:] if "anatomy_categories" in attrs else None
+        if "group" in group:  # stores written before groups have no such column
+            columns["group"] = group["group"][:].tolist()
     except Exception as exc:  # zarr raises many types for damaged stores
         raise UserInputError(f"{index_path}: unreadable index ({type(exc).__name__}: {exc})") from None
     if attrs.get("index_id") != manifest.get("index_id"):

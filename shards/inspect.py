@@ -228,7 +228,8 @@ def pyramid_rgb(level: np.ndarray, colours: np.ndarray) -> np.ndarray:
 
 
 def write_contact_sheet(samples: list[ShardSample], path: str | os.PathLike, *, title: str = "") -> Path:
-    """One row per sample: image with masks overlaid, then each pyramid level beside it."""
+    """One row per sample: image with masks overlaid and the scan region outlined (green),
+    then each pyramid level beside it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -244,7 +245,12 @@ def write_contact_sheet(samples: list[ShardSample], path: str | os.PathLike, *, 
         colours = _mask_colours(len(sample.mask_set))
         axes[row, 0].imshow(overlay_masks(sample.image, sample.mask_set.masks, colours), interpolation="nearest")
         height, width = sample.image.shape
-        axes[row, 0].set_title(f"{sample.key}\n{height}×{width}, {len(sample.mask_set)} masks", fontsize=8)
+        region_note = ""
+        if sample.scan_region is not None:
+            # the scan region's outline (every mask lies inside it)
+            axes[row, 0].contour(sample.scan_region.astype(np.uint8), levels=[0.5], colors=["#00ff66"], linewidths=0.9)
+            region_note = f", region {sample.scan_region.mean():.0%}"
+        axes[row, 0].set_title(f"{sample.key}\n{height}×{width}, {len(sample.mask_set)} masks{region_note}", fontsize=8)
         for column, scale in enumerate(scales, start=1):
             axis = axes[row, column]
             if scale in sample.mask_pyramid:

@@ -6,6 +6,8 @@ the member name at the first dot, so keys never contain dots):
 ``png``          the image, 8-bit grayscale PNG at the stored size.
 ``masks.bin``    the full-size mask set, lossless, overlaps allowed ("label layers", below).
 ``pyramid.bin``  per mask, the area fraction of every cell at each scale, ``round(255 f)``.
+``region.png``   optional: the scan region (1-bit PNG, same size as the image), the pixels that
+                 hold echo data; every mask lies inside it. Not one of the masks.
 ``json``         the record (source, hashes, sizes, per-mask metadata, stage fingerprints)
                  plus a ``storage`` entry with the format version, shapes and a crc32 of
                  every other member, so a single sample can be checked without the manifest.
@@ -50,6 +52,9 @@ VERIFY_LEVELS: tuple[str, ...] = ("none", "crc", "full")
 
 #: Member fields of one sample, in the order they are written to the tar.
 FIELDS: tuple[str, ...] = ("png", "masks.bin", "pyramid.bin", "json")
+#: Members a sample may have besides ``FIELDS`` (written before ``json``).
+OPTIONAL_FIELDS: tuple[str, ...] = ("region.png",)
+REGION_FIELD = "region.png"
 STORAGE_KEY = "storage"
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_/-]+$")
@@ -91,6 +96,8 @@ class ShardSample:
     #: so ``encode_sample`` need not recompute it to check it. Not part of equality. Set it to
     #: False (or build a new sample) after changing the masks in place.
     pyramid_from_masks: bool = field(default=False, repr=False)
+    #: bool (H, W) scan region (``anaus_core.scan_region``), or None (a store written without).
+    scan_region: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -101,6 +108,7 @@ class ShardSample:
         mask_set: MaskSet,
         record: Mapping[str, Any] | None = None,
         scales: Sequence[int] = DEFAULT_SCALES,
+        scan_region: np.ndarray | None = None,
     ) -> "ShardSample":
         """Make a sample, computing the pyramid and filling ``record["masks"]`` from the mask set."""
         full_record = dict(record or {})
@@ -112,6 +120,7 @@ class ShardSample:
             mask_pyramid=compute_mask_pyramid(mask_set.masks, scales),
             record=full_record,
             pyramid_from_masks=True,
+            scan_region=None if scan_region is None else np.asarray(scan_region, bool),
         )
 
     @property
@@ -133,6 +142,8 @@ class ShardSample:
                 for s in self.mask_pyramid
             )
             and self.record == other.record
+            and (self.scan_region is None) == (other.scan_region is None)
+            and (self.scan_region is None or np.array_equal(self.scan_region, other.scan_region))
         )
 
 
@@ -558,6 +569,12 @@ def encode_sample(
     if problems:
         raise ValueError(f"{key}: {problems[0]}")
 
+    region_bytes = None
+    if sample.scan_region is not None:
+        region = np.asarray(sample.scan_region, bool)
+        if region.shape != image.shape:
+            raise ValueError(f"{key}: scan region is {region.shape}, image is {image.shape}")
+        region_bytes = encode_region(region)
     png = encode_image(image, compress_level=png_compress_level, png_filter=png_filter)
     masks_bytes = encode_masks(mask_set.masks, codec=codec_number, level=level)
     pyramid_bytes = encode_pyramid(sample.mask_pyramid, codec=codec_number, level=level)
@@ -572,7 +589,29 @@ def encode_sample(
             "pyramid.bin": zlib.crc32(pyramid_bytes),
         },
     }
-    return {"__key__": key, "png": png, "masks.bin": masks_bytes, "pyramid.bin": pyramid_bytes, "json": _canonical_json(record)}
+    encoded = {"__key__": key, "png": png, "masks.bin": masks_bytes, "pyramid.bin": pyramid_bytes}
+    if region_bytes is not None:
+        record[STORAGE_KEY]["crc32"][REGION_FIELD] = zlib.crc32(region_bytes)
+        encoded[REGION_FIELD] = region_bytes
+    encoded["json"] = _canonical_json(record)
+    return encoded
+
+
+def encode_region(region: np.ndarray) -> bytes:
+    """bool (H, W) -> 1-bit grayscale PNG bytes (deterministic)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(region, bool)).save(buffer, format="PNG", optimize=False, compress_level=9)
+    return buffer.getvalue()
+
+
+def decode_region(data: bytes) -> np.ndarray:
+    """``region.png`` bytes -> bool (H, W)."""
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            image.load()
+            return np.asarray(image.convert("1"), dtype=bool).copy()
+    except (OSError, ValueError) as exc:
+        raise SampleFormatError(f"{REGION_FIELD}: cannot decode ({exc})") from None
 
 
 def _field(raw: Mapping[str, Any], name: str, key: str) -> bytes:
@@ -619,9 +658,15 @@ def decode_sample(raw: Mapping[str, Any], *, verify: bool | str = True) -> Shard
     png = _field(raw, "png", key)
     masks_bytes = _field(raw, "masks.bin", key)
     pyramid_bytes = _field(raw, "pyramid.bin", key)
+    region_bytes = _field(raw, REGION_FIELD, key) if REGION_FIELD in raw else None
+    if region_bytes is None and REGION_FIELD in storage.get("crc32", {}):
+        raise SampleFormatError(f"{key}: missing member {key}.{REGION_FIELD} (the record lists it)")
     if level != "none":
         crcs = storage.get("crc32", {})
-        for name, data in (("png", png), ("masks.bin", masks_bytes), ("pyramid.bin", pyramid_bytes)):
+        members = [("png", png), ("masks.bin", masks_bytes), ("pyramid.bin", pyramid_bytes)]
+        if region_bytes is not None:
+            members.append((REGION_FIELD, region_bytes))
+        for name, data in members:
             if crcs.get(name) != zlib.crc32(data):
                 raise SampleFormatError(f"{key}: {name}: crc32 mismatch (member altered)")
     try:
@@ -649,7 +694,15 @@ def decode_sample(raw: Mapping[str, Any], *, verify: bool | str = True) -> Shard
             mask_set._areas = np.asarray([int(m["area"]) for m in mask_records], np.int64)
     except (KeyError, TypeError, ValueError) as exc:
         raise SampleFormatError(f"{key}: record masks are malformed ({exc})") from None
-    sample = ShardSample(key=key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record)
+    region = None
+    if region_bytes is not None:
+        try:
+            region = decode_region(region_bytes)
+        except SampleFormatError as exc:
+            raise SampleFormatError(f"{key}: {exc}") from None
+        if region.shape != image.shape:
+            raise SampleFormatError(f"{key}: scan region is {region.shape}, image is {image.shape}")
+    sample = ShardSample(key=key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record, scan_region=region)
     if level != "none":
         problems = header_problems(sample, storage)
         if level == "full":

@@ -5,7 +5,7 @@ A shard is written under a hidden temporary name (``.<name>.tmp-<pid>-<random>``
 directory is fsynced. So a killed writer never leaves a ``.tar`` that is partial, and the
 index (written afterwards by :func:`shards.index.write_index`) can only name final shards.
 
-Tars are deterministic: fixed member order (png, masks.bin, pyramid.bin, json), mtime 0,
+Tars are deterministic: fixed member order (png, masks.bin, pyramid.bin, [region.png,] json), mtime 0,
 uid/gid 0, empty user/group names, mode 0644 - the same samples give the same sha256.
 """
 
@@ -27,6 +27,7 @@ from shards.sample import (
     DEFAULT_PNG_FILTER,
     DEFAULT_SCALES,
     FIELDS,
+    OPTIONAL_FIELDS,
     STORAGE_KEY,
     ShardSample,
     check_key,
@@ -49,6 +50,7 @@ class SampleEntry:
     mask_count: int
     mask_areas: tuple[int, ...]
     source_hash: str
+    group: str = ""  # the record's group id ("" when the record has none)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class SampleEntryTable(Sequence[SampleEntry]):
     :func:`shards.index.write_index` reads the columns directly.
     """
 
-    def __init__(self, *, keys, offsets, sizes, mask_counts, mask_areas, area_starts, source_hashes) -> None:
+    def __init__(self, *, keys, offsets, sizes, mask_counts, mask_areas, area_starts, source_hashes, groups=None) -> None:
         import numpy as np
 
         self.keys = np.asarray(keys)
@@ -85,18 +87,20 @@ class SampleEntryTable(Sequence[SampleEntry]):
         self.mask_areas = np.asarray(mask_areas, np.int64)
         self.area_starts = np.asarray(area_starts, np.int64)
         self.source_hashes = np.asarray(source_hashes)
+        self.groups = np.asarray(groups) if groups is not None else np.full(len(self.offsets), b"", dtype="S1")
 
     @classmethod
     def from_rows(cls, rows: Iterable[Sequence[Any]]) -> "SampleEntryTable":
-        """From ``(key, offset, size, mask_count, mask_areas, source_hash)`` rows (SampleEntry
-        objects or the lists of a pack-cache sidecar)."""
+        """From ``(key, offset, size, mask_count, mask_areas, source_hash[, group])`` rows
+        (SampleEntry objects or the lists of a pack-cache sidecar)."""
         import numpy as np
 
-        keys, offsets, sizes, counts, areas, starts, hashes = [], [], [], [], [], [0], []
+        keys, offsets, sizes, counts, areas, starts, hashes, groups = [], [], [], [], [], [0], [], []
         for row in rows:
             if isinstance(row, SampleEntry):
-                row = (row.key, row.offset, row.size, row.mask_count, row.mask_areas, row.source_hash)
-            key, offset, size, count, row_areas, source_hash = row
+                row = (row.key, row.offset, row.size, row.mask_count, row.mask_areas, row.source_hash, row.group)
+            key, offset, size, count, row_areas, source_hash, *rest = row
+            groups.append(str(rest[0] if rest else "").encode("utf-8"))
             keys.append(str(key).encode("utf-8"))
             offsets.append(int(offset))
             sizes.append(int(size))
@@ -109,6 +113,7 @@ class SampleEntryTable(Sequence[SampleEntry]):
             offsets=offsets, sizes=sizes, mask_counts=counts,
             mask_areas=np.array(areas, np.int64), area_starts=starts,
             source_hashes=np.array(hashes, dtype="S") if hashes else np.zeros(0, "S1"),
+            groups=np.array(groups, dtype="S") if groups else np.zeros(0, "S1"),
         )
 
     def __len__(self) -> int:
@@ -122,6 +127,7 @@ class SampleEntryTable(Sequence[SampleEntry]):
             mask_count=int(self.mask_counts[row]),
             mask_areas=tuple(int(a) for a in self.mask_areas[self.area_starts[row] : self.area_starts[row + 1]]),
             source_hash=self.source_hashes[row].decode("utf-8"),
+            group=self.groups[row].decode("utf-8"),
         )
 
     def __getitem__(self, index):
@@ -223,6 +229,7 @@ def _entry_from_encoded(encoded: Mapping[str, Any], offset: int, size: int) -> S
         mask_count=len(masks),
         mask_areas=tuple(int(m["area"]) for m in masks),
         source_hash=str(record.get("source_sha256", "")),
+        group=str((record.get("group") or {}).get("id", "")) if isinstance(record.get("group"), dict) else "",
     )
 
 
@@ -284,7 +291,9 @@ class ShardFileWriter:
         if missing:
             raise ValueError(f"{key}: encoded sample lacks {missing}")
         start = self._tar.offset
-        for name in FIELDS:
+        # the record last: a reader that meets it has every other member of the sample
+        names = [name for name in FIELDS if name != "json"] + [name for name in OPTIONAL_FIELDS if name in encoded] + ["json"]
+        for name in names:
             data = encoded[name]
             self._tar.addfile(_tar_info(f"{key}.{name}", len(data)), io.BytesIO(data))
         entry = _entry_from_encoded(encoded, start, self._tar.offset - start)

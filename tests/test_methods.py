@@ -52,6 +52,11 @@ def test_checkpoint_from_before_the_method_interface_resumes(tiny_shards, tmp_pa
     pretrain(config, tmp_path / "old", data=data_source(config), resume=True)
     losses = lambda run: [r["loss"] for r in read_metrics(run / "metrics.jsonl")]  # noqa: E731
     assert losses(tmp_path / "old") == losses(tmp_path / "whole")
+    # health monitors on every log line: projection std and RankMe per scale, empty slots, EMA momentum
+    record = read_metrics(tmp_path / "whole" / "metrics.jsonl")[-1]
+    for key in ("health_std_s7", "health_rankme_s56", "health_empty_slots", "momentum"):
+        assert key in record, key
+    assert 1.0 <= record["health_rankme_s7"] <= 16.0 and 0.0 <= record["health_empty_slots"] <= 1.0
 
 
 def test_cli_method_option(tiny_shards, tmp_path):

@@ -176,7 +176,7 @@ def test_first_run_then_noop_run_does_no_work(phantom_corpus, tmp_path):
     out = tmp_path / "out"
     first = run(make_config(images, out))
     assert first.exit_code == EXIT_OK
-    assert computed(first) == {"ingest": 12, "mask": 12, "pyramid": 12}
+    assert computed(first) == {"ingest": 12, "region": 12, "mask": 12, "pyramid": 12}
     assert first.shards_written == len(indexed_shards(out)) and first.index_written
     assert_consistent(out, phantom_keys(images))
     shas = {p.name: p.read_bytes() for p in out.glob("*.tar")}
@@ -184,8 +184,8 @@ def test_first_run_then_noop_run_does_no_work(phantom_corpus, tmp_path):
 
     second = run(make_config(images, out))
     assert second.did_no_work
-    assert computed(second) == {"ingest": 0, "mask": 0, "pyramid": 0}
-    assert {s: second.stages[s].reused for s in second.stages} == {"ingest": 12, "mask": 12, "pyramid": 12}
+    assert computed(second) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
+    assert {s: second.stages[s].reused for s in second.stages} == {"ingest": 12, "region": 12, "mask": 12, "pyramid": 12}
     assert second.shards_written == 0 and second.shards_reused == len(shas) and not second.index_written
     assert "nothing to do" in second.summary_line()
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == shas
@@ -208,8 +208,8 @@ def test_added_edited_and_removed_images(phantom_corpus, tmp_path):
     Image.fromarray(edited).save(images / "phantom_00005.png")
 
     report = run(make_config(images, out))
-    assert computed(report) == {"ingest": 2, "mask": 2, "pyramid": 2}
-    assert {s: report.stages[s].reused for s in report.stages} == {"ingest": 11, "mask": 11, "pyramid": 11}
+    assert computed(report) == {"ingest": 2, "region": 2, "mask": 2, "pyramid": 2}
+    assert {s: report.stages[s].reused for s in report.stages} == {"ingest": 11, "region": 11, "mask": 11, "pyramid": 11}
     assert report.shards_written in (1, 2, 3) and report.shards_reused >= len(before_shards) - 3
     assert_consistent(out, phantom_keys(images))
     from shards.reader import ShardReader
@@ -221,7 +221,7 @@ def test_added_edited_and_removed_images(phantom_corpus, tmp_path):
     (images / "phantom_00000.png").unlink()
     (images / "phantom_00007.png").unlink()
     report = run(make_config(images, out))
-    assert computed(report) == {"ingest": 0, "mask": 0, "pyramid": 0}
+    assert computed(report) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
     assert report.shards_removed >= 1
     keys = index_keys(out)
     assert "phantom_00000_png" not in keys and "phantom_00007_png" not in keys
@@ -235,7 +235,7 @@ def test_identical_bytes_under_a_new_name_share_entries_but_get_their_own_key(ph
     shutil.copy(images / "phantom_00003.png", images / "copy_of_3.png")
     report = run(make_config(images, out, masker="felzenszwalb", labels=None))
     # Content-addressed: the copy re-uses ingest and mask entries of the original.
-    assert computed(report) == {"ingest": 0, "mask": 0, "pyramid": 0}
+    assert computed(report) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
     assert_consistent(out, phantom_keys(images))
     from shards.reader import ShardReader
 
@@ -251,13 +251,13 @@ def test_masker_change_reruns_mask_onwards_but_not_ingest(phantom_corpus, tmp_pa
     run(make_config(images, out, **base))
     # A new masker fingerprint (here an option; for SAM the checkpoint sha256) re-runs mask -> pack.
     changed = run(make_config(images, out, **{**base, "masker_options": {"scale": 400.0}}))
-    assert computed(changed) == {"ingest": 0, "mask": 12, "pyramid": 12}
+    assert computed(changed) == {"ingest": 0, "region": 0, "mask": 12, "pyramid": 12}
     assert changed.stages["ingest"].reused == 12
     assert changed.index_written
     assert_consistent(out, phantom_keys(images))
     # Going back re-uses the cached masks of the first configuration: no stage work at all.
     back = run(make_config(images, out, **base))
-    assert computed(back) == {"ingest": 0, "mask": 0, "pyramid": 0}
+    assert computed(back) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
 
 
 def test_label_edit_reruns_only_that_sample(phantom_corpus, tmp_path):
@@ -268,7 +268,7 @@ def test_label_edit_reruns_only_that_sample(phantom_corpus, tmp_path):
     label[:20, :20] = 9
     Image.fromarray(label).save(labels / "phantom_00002.png")
     report = run(make_config(images, out))
-    assert computed(report) == {"ingest": 0, "mask": 1, "pyramid": 1}
+    assert computed(report) == {"ingest": 0, "region": 0, "mask": 1, "pyramid": 1}
 
 
 def test_scale_change_reruns_only_pyramid_and_pack(phantom_corpus, tmp_path):
@@ -276,7 +276,7 @@ def test_scale_change_reruns_only_pyramid_and_pack(phantom_corpus, tmp_path):
     out = tmp_path / "out"
     run(make_config(images, out))
     report = run(make_config(images, out, scales=[7, 14]))
-    assert computed(report) == {"ingest": 0, "mask": 0, "pyramid": 12}
+    assert computed(report) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 12}
     assert report.stages["mask"].reused == 12
     from shards.index import read_index
 
@@ -361,7 +361,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_good_ones_written(phantom_corpu
 
     # Known-bad files are not decoded again (cached failures) but are still reported.
     again = run(make_config(images, out))
-    assert computed(again) == {"ingest": 0, "mask": 0, "pyramid": 0}
+    assert computed(again) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
     assert again.exit_code == EXIT_SKIPPED and len(again.errors) == 6
 
     # --strict: failure, and the published index stays as it was.
@@ -420,9 +420,9 @@ def test_new_sam_checkpoint_reruns_mask_onwards_but_not_ingest(phantom_corpus, t
     options = {"image_size": 64, "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     sam = dict(masker="sam", labels=None, stored_size=64, masker_options=options)
     report = run(make_config(images, out, checkpoint=str(first), **sam))
-    assert computed(report) == {"ingest": 4, "mask": 4, "pyramid": 4} and report.masker_seconds > 0
+    assert computed(report) == {"ingest": 4, "region": 4, "mask": 4, "pyramid": 4} and report.masker_seconds > 0
     assert run(make_config(images, out, checkpoint=str(first), **sam)).did_no_work
     changed = run(make_config(images, out, checkpoint=str(second), **sam))
-    assert computed(changed) == {"ingest": 0, "mask": 4, "pyramid": 4}
+    assert computed(changed) == {"ingest": 0, "region": 0, "mask": 4, "pyramid": 4}
     assert changed.index_written
     assert_consistent(out, phantom_keys(images))

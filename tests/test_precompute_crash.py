@@ -62,7 +62,7 @@ def test_kill_between_shard_writes_then_resume(phantom_corpus, tmp_path):
     run_killed_at(images, out, "shard:2")
     assert len(list(out.glob("*.tar"))) == 2 and not (out / "manifest.json").exists()
     report = run(make_config(images, out))
-    assert computed(report) == {"ingest": 0, "mask": 0, "pyramid": 0}
+    assert computed(report) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
     # The first shard's info was recorded and is reused; the second was final but unrecorded
     # (killed in between) and is written again with identical bytes.
     assert report.shards_reused == 1
@@ -81,7 +81,7 @@ def test_kill_before_index_keeps_the_old_index_then_resume(phantom_corpus, tmp_p
     # Readers still see the previous, complete state.
     assert sorted(index_keys(out)) == sorted(old_keys)
     report = run(make_config(images, out))
-    assert computed(report) == {"ingest": 0, "mask": 0, "pyramid": 0}
+    assert computed(report) == {"ingest": 0, "region": 0, "mask": 0, "pyramid": 0}
     assert report.index_written
     assert_consistent(out, phantom_keys(images))
 

@@ -41,7 +41,7 @@ def test_dask_local_cluster_output_equals_single_process(reference, tmp_path):
         # Through the scheduler address, exactly as `--scheduler ADDRESS` does.
         report = run(make_config(images, out, masker="felzenszwalb", labels=None, batch_size=2, scheduler=cluster.scheduler_address))
         assert report.executor == "dask" and report.workers == 2
-        assert computed(report) == {"ingest": 12, "mask": 12, "pyramid": 12}
+        assert computed(report) == {"ingest": 12, "region": 12, "mask": 12, "pyramid": 12}
         # Both worker processes ran stage tasks (6 batches of 2 over 2 workers).
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
         assert report.task_processes == 2

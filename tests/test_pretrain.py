@@ -194,7 +194,7 @@ def test_pretrain_help_documents_every_option():
     for option in ("--shards", "--out", "--steps", "--epochs", "--batch-size", "--device", "--config", "--resume",
                    "--resume-from", "--num-workers", "--crop-size", "--masks-per-image", "--lr", "--warmup-epochs",
                    "--accumulation-steps", "--amp", "--channels-last", "--sync-batchnorm", "--seed", "--log-every",
-                   "--checkpoint-every", "--progress", "--set"):
+                   "--checkpoint-every", "--progress", "--set", "--method", "--init", "--weights", "--compile"):
         assert option in result.output, option
 
 

@@ -61,10 +61,13 @@ class DamageSettings:
 class DamageDraws:
     """Random draws for one batch. ``None`` = component off.
 
-    ``shuffle_patches`` long (N, 3): (image, patch row, patch column) of the N selected patches;
-    ``shuffle_order`` long (N, p*p): the new pixel order inside each of them (row-major);
+    ``shuffle_patches`` long (N, 3): (image, patch row, patch column) of the N listed patches
+    (``sample_damage`` lists all of them: static shapes);
+    ``shuffle_order`` long (N, p*p): the new pixel order inside each of them (row-major; the
+    identity for patches that were not selected);
     ``noise`` float (B, 1, H, W) already scaled by beta; ``occlusion_boxes`` long (B, 4) =
-    (top, left, height, width).
+    (top, left, height, width); ``occlusion_bound`` host-side (max height, max width) of any box
+    (None: the image size).
     """
 
     patch_size: int
@@ -72,6 +75,7 @@ class DamageDraws:
     shuffle_order: Tensor | None
     noise: Tensor | None
     occlusion_boxes: Tensor | None
+    occlusion_bound: tuple[int, int] | None = None
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -99,15 +103,19 @@ def sample_damage(
     selected_patches = shuffle_order = None
     if settings.shuffle and settings.shuffle_prob > 0 and rows > 0 and cols > 0:
         selected = _uniform((batch, rows, cols), generator, device) < settings.shuffle_prob
-        # only the selected patches (alpha of them) get keys and a sort: far less work than
-        # permuting every patch with an identity order
-        selected_patches = selected.nonzero()
-        keys = _uniform((selected_patches.shape[0], patch * patch), generator, device)
-        shuffle_order = keys.argsort(dim=-1)
+        # every patch is listed, the unselected ones with the identity order: static shapes and
+        # no host-device synchronisation (listing only the selected ones needs ``nonzero``,
+        # which waits for the device and gives a data-dependent shape that defeats CUDA graphs)
+        keys = _uniform((batch * rows * cols, patch * patch), generator, device)
+        identity = torch.arange(patch * patch, device=device, dtype=keys.dtype).add_(1.0)   # > every key
+        shuffle_order = torch.where(selected.reshape(-1, 1), keys, identity).argsort(dim=-1)
+        grid = torch.meshgrid(torch.arange(batch, device=device), torch.arange(rows, device=device),
+                              torch.arange(cols, device=device), indexing="ij")
+        selected_patches = torch.stack([axis.reshape(-1) for axis in grid], dim=1)
     noise = None
     if settings.noise and settings.noise_std > 0:
         noise = _normal((batch, 1, height, width), generator, device).mul_(settings.noise_std)
-    boxes = None
+    boxes = bound = None
     if settings.occlusion and settings.occlusion_fraction > 0:
         area = settings.occlusion_fraction * height * width
         log_ratio = (_uniform((batch,), generator, device) * 2.0 - 1.0) * math.log(3.0)
@@ -117,12 +125,16 @@ def sample_damage(
         top = (_uniform((batch,), generator, device) * (height - box_h + 1)).floor().long()
         left = (_uniform((batch,), generator, device) * (width - box_w + 1)).floor().long()
         boxes = torch.stack([top, left, box_h, box_w], dim=1)
+        # aspect ratio <= 3 bounds each side by sqrt(3 * area) (+1 for rounding)
+        side = int(math.ceil(math.sqrt(3.0 * area))) + 1
+        bound = (min(height, side), min(width, side))
     return DamageDraws(
         patch_size=patch,
         shuffle_patches=selected_patches,
         shuffle_order=shuffle_order,
         noise=noise,
         occlusion_boxes=boxes,
+        occlusion_bound=bound if boxes is not None else None,
     )
 
 
@@ -155,16 +167,19 @@ def shuffle_patches(images: Tensor, patches: Tensor, order: Tensor, patch_size: 
     return out
 
 
-def occlude_(images: Tensor, boxes: Tensor) -> Tensor:
+def occlude_(images: Tensor, boxes: Tensor, max_h: int | None = None, max_w: int | None = None) -> Tensor:
     """In place: set each image's box (top, left, height, width) to that image's per-channel
     minimum; returns ``images`` (contiguous). Writes only the box pixels (boxes padded to the
-    largest one by repeating their last row/column, which rewrites the same value)."""
+    largest one by repeating their last row/column, which rewrites the same value). ``max_h``/
+    ``max_w``: host-side bounds on the box sides (default: the image size)."""
     if not images.is_contiguous():
         raise ValueError("occlude_: images must be contiguous")
     batch, channels, height, width = images.shape
     fill = images.amin(dim=(2, 3))  # (B, C)
     top, left, box_h, box_w = boxes.unbind(dim=1)
-    max_h, max_w = int(box_h.max()), int(box_w.max())
+    # a static bound on the box sides instead of ``int(box_h.max())`` (a host-device sync):
+    # padding repeats the last row/column, so a larger bound rewrites the same pixels
+    max_h, max_w = max_h or height, max_w or width
     steps_h = torch.arange(max_h, device=images.device)
     steps_w = torch.arange(max_w, device=images.device)
     row = top[:, None] + torch.minimum(steps_h[None, :], box_h[:, None] - 1)  # (B, max_h)
@@ -190,7 +205,7 @@ def apply_damage(images: Tensor, draws: DamageDraws) -> Tensor:
     if draws.noise is not None:
         out.add_(draws.noise.to(out.dtype))
     if draws.occlusion_boxes is not None:
-        occlude_(out, draws.occlusion_boxes)
+        occlude_(out, draws.occlusion_boxes, *(draws.occlusion_bound or (None, None)))
     return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(images) else out
 
 

@@ -126,20 +126,31 @@ def solarize(images: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(images >= threshold, 1.0 - images, images)
 
 
-def apply_params(images: torch.Tensor, params: PhotometricParams, config: PhotometricConfig) -> torch.Tensor:
-    """Apply the sampled photometric ops to float (B, 1, H, W) images in [0, 1]; returns a new tensor."""
+def apply_params(images: torch.Tensor, params: PhotometricParams, config: PhotometricConfig,
+                 static: bool | None = None) -> torch.Tensor:
+    """Apply the sampled photometric ops to float (B, 1, H, W) images in [0, 1]; returns a new tensor.
+
+    ``static``: run every op on the whole batch and select per image (no host-device sync, same
+    result); None = on accelerators only."""
     out = images.clone()
     jitter = params.jitter
-    if bool(jitter.any()):
+    # on an accelerator, no data-dependent branches or shapes (each would wait for the device):
+    # every op runs on the whole batch and is selected per image; on the CPU the subsets are cheaper
+    static = images.device.type != "cpu" if static is None else static
+    if static or bool(jitter.any()):
         brightness = torch.where(jitter, params.brightness, torch.ones_like(params.brightness))
         contrast = torch.where(jitter, params.contrast, torch.ones_like(params.contrast))
         # Both orders are computed and selected per image: clamping makes the order matter.
         b_then_c = adjust_contrast(adjust_brightness(out, brightness), contrast)
         c_then_b = adjust_brightness(adjust_contrast(out, contrast), brightness)
         out = torch.where(params.brightness_first.view(-1, 1, 1, 1), b_then_c, c_then_b)
-    blur_index = torch.nonzero(params.blur, as_tuple=False).flatten()
-    if blur_index.numel():
-        out[blur_index] = gaussian_blur(out[blur_index], params.sigma[blur_index], config.blur_kernel)
+    if static:
+        blurred = gaussian_blur(out, params.sigma, config.blur_kernel)
+        out = torch.where(params.blur.view(-1, 1, 1, 1), blurred, out)
+    else:
+        blur_index = torch.nonzero(params.blur, as_tuple=False).flatten()
+        if blur_index.numel():
+            out[blur_index] = gaussian_blur(out[blur_index], params.sigma[blur_index], config.blur_kernel)
     if config.solarize_p > 0:
         out = torch.where(params.solarize.view(-1, 1, 1, 1), solarize(out, config.solarize_threshold), out)
     return out

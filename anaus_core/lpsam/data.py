@@ -5,6 +5,9 @@ A dataset is a folder with a description file ``dataset.yaml`` (or ``dataset.jso
     name: DDTI
     classes: {nodule: 1}            # class name -> label value in the label images
     # optional: images: img, labels: label   (sub-folder names, defaults shown)
+    # optional, which images belong together (the validation split keeps a group on one side):
+    # groups: groups.csv            # columns path,group; path = image file name (or path under the folder)
+    # group_pattern: '^(patient[0-9]+)' # or: the first capture group of a regex on the image stem
 
 and either ``img/`` + ``label/`` sub-folders with the same file stem (DDTI/TG3K-like; CAMUS-like
 datasets put several classes in one label map, e.g. ``{lv_endo: 1, lv_myo: 2, la: 3}``), or
@@ -40,6 +43,41 @@ class DatasetDescription:
     name: str
     classes: dict[str, int]
     pairs: tuple[tuple[Path, Path], ...]
+    #: one group id per pair (patient, clip, ...); without a group source every image is its own
+    groups: tuple[str, ...] = ()
+    group_source: str = "image"
+
+
+def _pair_groups(root: Path, name: str, data: dict, pairs: list[tuple[Path, Path]], description_file: Path | None) -> tuple[tuple[str, ...], str]:
+    """Group id of every pair from the description's ``groups`` (CSV) or ``group_pattern``."""
+    import re
+
+    where = description_file or root
+    if data.get("groups") and data.get("group_pattern"):
+        raise UserInputError(f"{where}: give either 'groups' or 'group_pattern', not both")
+    if data.get("groups"):
+        table = _read_group_table(root / str(data["groups"]))
+        groups = []
+        for image_path, _ in pairs:
+            candidates = (image_path.relative_to(root).as_posix(), image_path.name, image_path.stem)
+            group = next((table[c] for c in candidates if c in table), None)
+            if group is None:
+                raise UserInputError(f"{root / str(data['groups'])}: no group for {image_path.relative_to(root).as_posix()}")
+            groups.append(f"{name}/{group}")
+        return tuple(groups), "groups"
+    if data.get("group_pattern"):
+        try:
+            pattern = re.compile(str(data["group_pattern"]))
+        except re.error as exc:
+            raise UserInputError(f"{where}: group_pattern {data['group_pattern']!r} is not a regular expression ({exc})") from None
+        groups = []
+        for image_path, _ in pairs:
+            match = pattern.search(image_path.stem)
+            if match is None:
+                raise UserInputError(f"{image_path}: its name does not match group_pattern {pattern.pattern!r} ({where})")
+            groups.append(f"{name}/{match.group(1) if match.groups() else match.group(0)}")
+        return tuple(groups), "group_pattern"
+    return tuple(f"{name}/{image_path.stem}" for image_path, _ in pairs), "image"
 
 
 def read_description(root: str | Path, *, classes: dict[str, int] | None = None) -> DatasetDescription:
@@ -88,7 +126,28 @@ def read_description(root: str | Path, *, classes: dict[str, int] | None = None)
             pairs.append((image_path, label_path))
     if not pairs:
         raise UserInputError(f"{root}: no image/label pairs (expected img/ + label/ folders or *_img.png + *_label.png)")
-    return DatasetDescription(root=root, name=name, classes=classes, pairs=tuple(pairs))
+    groups, group_source = _pair_groups(root, name, data, pairs, description_file)
+    return DatasetDescription(root=root, name=name, classes=classes, pairs=tuple(pairs), groups=groups, group_source=group_source)
+
+
+def _read_group_table(path: Path) -> dict[str, str]:
+    """``path,group`` CSV (header required) -> {path: group}."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"path", "group"} <= set(reader.fieldnames):
+                raise UserInputError(f"{path}: needs a header with the columns 'path' and 'group'")
+            table = {}
+            for line, row in enumerate(reader, start=2):
+                key, group = str(row.get("path") or "").strip(), str(row.get("group") or "").strip()
+                if not key or not group:
+                    raise UserInputError(f"{path}: line {line}: empty path or group")
+                table[key] = group
+            return table
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserInputError(f"{path}: cannot read the groups file ({exc})") from None
 
 
 def union_class_names(descriptions: Sequence[DatasetDescription]) -> list[str]:
@@ -169,10 +228,35 @@ class SegmentationPairs(torch.utils.data.Dataset):
         return {"pixels": pixels, "masks": masks_resized, "class_valid": torch.from_numpy(valid), "index": torch.tensor(index)}
 
 
-def split_indices(count: int, *, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic train/validation split. With fewer than 2 items both are the whole set."""
-    if count < 2 or val_fraction <= 0:
-        return list(range(count)), list(range(count))
-    order = np.random.default_rng(seed).permutation(count).tolist()
-    n_val = min(count - 1, max(1, int(round(count * val_fraction))))
-    return sorted(order[n_val:]), sorted(order[:n_val])
+def split_indices(count: int, *, val_fraction: float, seed: int, groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation split by group: every group lies wholly on one side
+    (frames of one patient or clip never sit in both), about ``val_fraction`` of the groups go
+    to validation (at least one, never all). ``groups``: one id per item (default: every
+    item its own group).
+
+    Validation never equals training: ``val_fraction <= 0`` is the explicit no-validation mode
+    (empty validation list); fewer than two groups also gives no validation, with a warning.
+    """
+    import warnings
+
+    from sklearn.model_selection import GroupShuffleSplit
+
+    groups = [str(i) for i in range(count)] if groups is None else [str(g) for g in groups]
+    if len(groups) != count:
+        raise ValueError(f"{len(groups)} group ids for {count} items")
+    if val_fraction >= 1:
+        raise UserInputError(f"val_fraction {val_fraction}: must be below 1 (validation would take every group)")
+    if count == 0 or val_fraction <= 0:
+        return list(range(count)), []
+    distinct = sorted(set(groups))
+    if len(distinct) < 2:
+        warnings.warn(
+            f"all {count} training pairs are one group ({distinct[0]!r}): there is nothing to validate on that is not "
+            "trained on, so this run has no validation (best.pt = last epoch); give --val-data or a dataset with more groups",
+            UserWarning, stacklevel=2,
+        )
+        return list(range(count)), []
+    n_val = min(len(distinct) - 1, max(1, int(round(len(distinct) * val_fraction))))
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    train, val = next(splitter.split(np.zeros(count), groups=groups))
+    return sorted(int(i) for i in train), sorted(int(i) for i in val)

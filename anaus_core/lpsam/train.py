@@ -117,7 +117,8 @@ def _splits(config, class_names: list[str], image_size: int, in_chans: int):
         val_set = SegmentationPairs(val_descriptions, class_names=class_names, image_size=image_size, in_chans=in_chans)
     else:
         total = sum(len(d.pairs) for d in train_descriptions)
-        train_idx, val_idx = split_indices(total, val_fraction=config.val_fraction, seed=config.seed)
+        groups = [g for d in train_descriptions for g in (d.groups or [f"{d.name}/{i}" for i in range(len(d.pairs))])]
+        train_idx, val_idx = split_indices(total, val_fraction=config.val_fraction, seed=config.seed, groups=groups)
         train_set = SegmentationPairs(train_descriptions, class_names=class_names, image_size=image_size, in_chans=in_chans, indices=train_idx)
         val_set = SegmentationPairs(train_descriptions, class_names=class_names, image_size=image_size, in_chans=in_chans, indices=val_idx)
     return train_set, val_set
@@ -260,7 +261,8 @@ def _run_loop(
             progress.console.print(f"{stage}: epoch {epoch + 1}/{config.epochs}  loss {record['train_loss'] if record['train_loss'] is not None else float('nan'):.4f}  val Dice: {dice_text or 'n/a'}", markup=False, highlight=False)
             payload = {**payload_base, "stage": stage, "epoch": epoch, "trained": trained_state(), "optimizer": optimizer.state_dict(), "history": history}
             save_checkpoint(last_path, payload)
-            if record["val_mean_dice"] > best or not best_path.exists():
+            # no validation set (val_fraction 0, one group): best.pt follows the last epoch
+            if record["val_mean_dice"] > best or not best_path.exists() or len(val_set) == 0:
                 best = max(best, record["val_mean_dice"])
                 save_checkpoint(best_path, payload)
     if not last_path.exists():

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from anaus_core.maskers._segments import masks_from_segments
+from anaus_core.maskers._segments import masks_from_segments, scan_region_of
 from anaus_core.maskers.base import ImageMeta
 from anaus_core.maskset import MaskSet
 
@@ -71,4 +71,12 @@ class FelzenszwalbMasker:
         return felzenszwalb(image.astype(np.float64) / 255.0, scale=self.scale, sigma=self.sigma, min_size=self.min_size, channel_axis=None)
 
     def __call__(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta]) -> list[MaskSet]:
-        return [masks_from_segments(self.segment(image), source=self.name, min_segment_area=self.min_segment_area) for image in images]
+        results = []
+        for image, meta in zip(images, metas):
+            segments = np.asarray(self.segment(image), np.int64)
+            region = scan_region_of(meta, np.shape(image))
+            if region is not None:
+                # the graph is cut at the region's edge: a segment never spans the black screen
+                segments = np.where(region, segments, -1)
+            results.append(masks_from_segments(segments, source=self.name, min_segment_area=self.min_segment_area))
+        return results

@@ -5,7 +5,10 @@ deviation of the intensity at a few Gaussian scales (texture: speckle statistics
 tissues) and, optionally, its normalised position. Features are standardised per image, k-means
 is fitted on a seeded random subset of pixels (scipy's ``kmeans2`` with k-means++ seeding) and
 every pixel is assigned to its nearest centroid. Each cluster is split into connected
-components; every component is one mask proposal with score 1.0.
+components; every component is one mask proposal with score 1.0. With a scan region
+(``meta.extra["scan_region"]``, set by the precompute pipeline) the features are standardised
+and the centroids fitted on the region's pixels only, and pixels outside it belong to no
+segment: the black screen does not take a cluster of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.cluster.vq import kmeans2, vq
 
-from anaus_core.maskers._segments import masks_from_segments
+from anaus_core.maskers._segments import masks_from_segments, scan_region_of
 from anaus_core.maskers.base import ImageMeta
 from anaus_core.maskset import MaskSet
 
@@ -86,8 +89,9 @@ class KMeansMasker:
     def fingerprint(self) -> dict[str, Any]:
         return {"name": self.name, "code_version": CODE_VERSION, "options": self.options()}
 
-    def features(self, image: np.ndarray) -> np.ndarray:
-        """float32 (H*W, F) standardised per-pixel features of a uint8 (H, W) image."""
+    def features(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+        """float32 (H*W, F) standardised per-pixel features of a uint8 (H, W) image
+        (statistics of the ``region`` pixels when given)."""
         intensity = np.asarray(image, dtype=np.float32) / 255.0
         smoothed = ndimage.gaussian_filter(intensity, self.smooth_sigma) if self.smooth_sigma > 0 else intensity
         columns = [smoothed]
@@ -96,8 +100,9 @@ class KMeansMasker:
             mean_sq = ndimage.gaussian_filter(intensity * intensity, sigma)
             columns += [mean, np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))]
         stack = np.stack([c.reshape(-1) for c in columns], axis=1)
-        std = stack.std(axis=0)
-        stack = (stack - stack.mean(axis=0)) / np.where(std > 1e-6, std, 1.0)
+        inside = stack if region is None else stack[region.reshape(-1)]
+        std = inside.std(axis=0)
+        stack = (stack - inside.mean(axis=0)) / np.where(std > 1e-6, std, 1.0)
         if self.position_weight > 0:
             height, width = image.shape
             rows, cols = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
@@ -106,17 +111,20 @@ class KMeansMasker:
             stack = np.concatenate([stack, position], axis=1)
         return stack.astype(np.float32)
 
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """int32 (H, W) map of connected components of the k-means clusters (0..N-1)."""
+    def segment(self, image: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+        """int32 (H, W) map of connected components of the k-means clusters (0..N-1; -1
+        outside ``region`` when one is given)."""
         image = np.asarray(image)
         if image.ndim != 2:
             raise ValueError(f"expected a (H, W) image, got shape {image.shape}")
-        if image.min() == image.max():
-            return np.zeros(image.shape, np.int32)
-        features = self.features(image)
+        inside = np.ones(image.shape, bool) if region is None else np.asarray(region, bool)
+        if image[inside].min() == image[inside].max():
+            return np.where(inside, 0, -1).astype(np.int32)
+        features = self.features(image, None if region is None else inside)
         rng = np.random.default_rng(self.seed)
-        n_pixels = features.shape[0]
-        subset = features[rng.choice(n_pixels, size=min(self.sample_pixels, n_pixels), replace=False)] if n_pixels > self.sample_pixels else features
+        candidates = features if region is None else features[inside.reshape(-1)]
+        n_pixels = candidates.shape[0]
+        subset = candidates[rng.choice(n_pixels, size=min(self.sample_pixels, n_pixels), replace=False)] if n_pixels > self.sample_pixels else candidates
         k = min(self.clusters, len(np.unique(subset, axis=0)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "One of the clusters is empty": harmless here
@@ -131,10 +139,15 @@ class KMeansMasker:
         segments = np.zeros(image.shape, np.int32)
         offset = 0
         for cluster in range(len(centroids)):
-            components, count = ndimage.label(clusters == cluster, structure=structure)
+            components, count = ndimage.label((clusters == cluster) & inside, structure=structure)
             segments[components > 0] = components[components > 0] + offset - 1
             offset += count
+        if region is not None:
+            segments[~inside] = -1
         return segments
 
     def __call__(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta]) -> list[MaskSet]:
-        return [masks_from_segments(self.segment(image), source=self.name, min_segment_area=self.min_segment_area) for image in images]
+        return [
+            masks_from_segments(self.segment(image, scan_region_of(meta, np.shape(image))), source=self.name, min_segment_area=self.min_segment_area)
+            for image, meta in zip(images, metas)
+        ]

@@ -83,9 +83,18 @@ class AnaUSMethod(AnaUSModel, PretrainMethod):
         torch.save(export_fpn_state_dict(self), fpn_path)
         return [encoder_path, fpn_path]
 
+    def health(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-scale projection std and RankMe of the last forward (see ``health_monitors``);
+        the empty-slot fraction is in the forward's outputs, the EMA momentum in
+        ``after_optimizer_step``'s."""
+        return self.health_monitors()
+
     def compile_for_training(self, **kwargs: Any) -> None:
         """``torch.compile`` the four networks in place (``Module.compile``: state-dict keys are
         unchanged, so checkpoints and export do not see it)."""
+        # static shapes: the encoders see two batch sizes (2B views, B core), one graph each,
+        # no dynamic-shape recompiles; CUDA-graph friendly
+        kwargs.setdefault("dynamic", False)
         for module in (self.online_encoder, self.target_encoder):
             module.compile(**kwargs)
 

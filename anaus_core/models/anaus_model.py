@@ -65,6 +65,11 @@ class AnaUSConfig:
     damage_noise: bool = True
     damage_occlusion: bool = True
     sync_batchnorm: bool = False            # SyncBatchNorm conversion, applied by the trainer
+    # heads see every row and take BatchNorm statistics over the valid ones (same maths as
+    # selecting the valid rows, without the host-device sync and data-dependent shapes):
+    # "auto" = on accelerators only (on the CPU a sync costs nothing and the invalid rows'
+    # work does: 7 % slower there, docs/benchmarks.md), "on" / "off" force it
+    static_shapes: Literal["auto", "on", "off"] = "auto"
 
     def damage_settings(self) -> DamageSettings:
         return DamageSettings(
@@ -92,6 +97,8 @@ class AnaUSConfig:
             raise ConfigError(f"model.single_scale: {self.single_scale} is not in model.scales {list(self.scales)}")
         if self.temperature <= 0:
             raise ConfigError(f"model.temperature: must be > 0, got {self.temperature}")
+        if self.static_shapes not in ("auto", "on", "off"):
+            raise ConfigError(f"model.static_shapes: must be auto, on or off, got {self.static_shapes!r}")
         if self.lambda_ctx < 0:
             raise ConfigError(f"model.lambda_ctx: must be >= 0, got {self.lambda_ctx}")
         for name in ("fpn_channels", "projector_hidden_dim", "projector_dim", "predictor_hidden_dim"):
@@ -103,16 +110,21 @@ class AnaUSConfig:
             raise ConfigError(f"model: {exc}") from None
 
 
-def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor) -> Tensor:
+def _project_rows(head: MLPHead, vectors: Tensor, valid: Tensor, static: bool | str = False) -> Tensor:
     """Apply ``head`` to the valid rows of (N, K, C) -> (N, K, D); other rows are zero.
 
     ``valid`` (N, K) marks the rows holding a real (non-empty mask) pooled vector: only they
     enter the head, so empty masks do not bias BatchNorm statistics. With fewer than two valid
     rows (BatchNorm needs two) all rows go through; they carry zero loss weight anyway, and
-    every head parameter stays in the graph (DDP).
+    every head parameter stays in the graph (DDP). ``static``: the same maths with static
+    shapes (``MLPHead.forward_masked``: no host-device sync).
     """
     batch, num_masks, channels = vectors.shape
     rows = vectors.reshape(batch * num_masks, channels)
+    if static == "auto":
+        static = vectors.device.type != "cpu"
+    if static in (True, "on") and head.supports_masked():
+        return head.forward_masked(rows, valid.reshape(-1)).reshape(batch, num_masks, -1)
     index = valid.reshape(-1).nonzero().squeeze(1)
     if index.numel() < 2:
         return head(rows).reshape(batch, num_masks, -1)
@@ -227,6 +239,8 @@ class AnaUSModel(nn.Module):
             parameter.requires_grad_(False)
         self.damage_settings = config.damage_settings()
         self._step_targets: dict | None = None   # set by precompute_step_targets, used by forward
+        # the last forward's online projections per scale (detached) for health_monitors
+        self._health_inputs: dict[int, tuple[Tensor, Tensor | None]] = {}
 
     # -- accessors used by the trainer / export -----------------------------------------------
     @property
@@ -262,7 +276,7 @@ class AnaUSModel(nn.Module):
         for scale in self.contrast_scales:
             pooled, area_valid = mask_pool(target_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area)
             valid = area_valid & present
-            out[scale] = (_project_rows(self.target_projectors[str(scale)], pooled, valid), valid)
+            out[scale] = (_project_rows(self.target_projectors[str(scale)], pooled, valid, self.config.static_shapes), valid)
         return out
 
     @torch.no_grad()
@@ -332,7 +346,28 @@ class AnaUSModel(nn.Module):
             losses["loss_ctx"] = torch.stack(list(context.values())).sum()
             total = total + config.lambda_ctx * losses["loss_ctx"]
         losses["loss"] = total
+        if config.objective == "anaus":
+            # slots whose mask is missing from a view have no positive (a wasted slot)
+            used = batch["mask_ids"] != 0
+            both = batch.get("mask_valid1", used) & batch.get("mask_valid2", used)
+            losses["health_empty_slots"] = 1.0 - both.float().mean()
         return {"loss": losses.pop("loss"), **losses}
+
+    @torch.no_grad()
+    def health_monitors(self) -> dict[str, Tensor]:
+        """Collapse monitors of the last forward's online projections, per scale: the std of the
+        normalised projections (``health_std_s7``, ...; 0 = collapsed, ~1/sqrt(D) = spread) and
+        their RankMe effective rank (``health_rankme_s7``, ...; 1 = collapsed, up to D).
+        Device tensors; the trainer reads them at log steps only."""
+        from anaus_core.methods.health import embedding_std, rankme
+
+        out: dict[str, Tensor] = {}
+        for scale, (projection, valid) in self._health_inputs.items():
+            rows = projection.reshape(-1, projection.shape[-1])
+            weights = None if valid is None else valid.reshape(-1)
+            out[f"health_std_s{scale}"] = embedding_std(rows, weights)
+            out[f"health_rankme_s{scale}"] = rankme(rows, weights)
+        return out
 
     def _cell_masks(self, batch: Mapping[str, Tensor], maps: Mapping[int, Tensor]) -> tuple[dict[int, Tensor], Tensor]:
         """Area-fraction masks of [masks1; masks2] on each map's grid, and the (2B, K) presence flags."""
@@ -365,8 +400,9 @@ class AnaUSModel(nn.Module):
                 online_maps[scale], cell_masks[scale], min_area=self.config.min_mask_area
             )
             valid = area_valid & present
-            projection = _project_rows(self.projectors[key], online_pooled, valid)
-            prediction = _project_rows(self.predictors[key], projection, valid)
+            projection = _project_rows(self.projectors[key], online_pooled, valid, self.config.static_shapes)
+            prediction = _project_rows(self.predictors[key], projection, valid, self.config.static_shapes)
+            self._health_inputs[scale] = (projection.detach(), valid)
             terms[scale] = anatomy_contrastive_loss(
                 prediction[:batch_size],
                 prediction[batch_size:],
@@ -390,7 +426,9 @@ class AnaUSModel(nn.Module):
         for scale in self.contrast_scales:
             key = str(scale)
             # one whole-image mask: the pooled vector is the global average of the map
-            prediction = self.predictors[key](self.projectors[key](online_maps[scale].mean(dim=(2, 3))))
+            projection = self.projectors[key](online_maps[scale].mean(dim=(2, 3)))
+            prediction = self.predictors[key](projection)
+            self._health_inputs[scale] = (projection.detach(), None)
             with torch.no_grad():
                 target_projection = self.target_projectors[key](target_maps[scale].mean(dim=(2, 3)))
             terms[scale] = symmetric_byol_loss(

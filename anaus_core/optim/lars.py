@@ -65,6 +65,9 @@ class LARS(Optimizer):
         momentum: heavy-ball momentum (0.9).
         weight_decay: L2 coefficient for adapted groups (1e-6).
         eta: trust coefficient (1e-3).
+        foreach: one ``torch._foreach_*`` kernel per operation over all of a group's parameters
+            (norms, trust ratios, momentum, update) instead of a Python loop of small kernels;
+            the same maths (tested against the loop).
     """
 
     def __init__(
@@ -75,7 +78,9 @@ class LARS(Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 1e-6,
         eta: float = 1e-3,
+        foreach: bool = True,
     ) -> None:
+        self.foreach = bool(foreach)
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
             raise ValueError(f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay}, eta={eta}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adaptation=True)
@@ -87,6 +92,10 @@ class LARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.foreach:
+            for group in self.param_groups:
+                self._foreach_group(group)
+            return loss
         for group in self.param_groups:
             adapt = group["lars_adaptation"]
             weight_decay = group["weight_decay"] if adapt else 0.0
@@ -114,6 +123,35 @@ class LARS(Optimizer):
         return loss
 
 
+    def _foreach_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        adapt = group["lars_adaptation"]
+        weight_decay = group["weight_decay"] if adapt else 0.0
+        updates = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else torch._foreach_mul(grads, 1.0)
+        if adapt:
+            param_norms = torch.stack(torch._foreach_norm(params))
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            trust = group["eta"] * param_norms / (grad_norms + weight_decay * param_norms)
+            trust = torch.where((param_norms > 0) & (grad_norms > 0), trust, torch.ones_like(trust))
+            torch._foreach_mul_(updates, list(trust.unbind()))
+        torch._foreach_mul_(updates, group["lr"])
+        if group["momentum"]:
+            states = [self.state[p] for p in params]
+            fresh = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
+            for i in fresh:
+                states[i]["momentum_buffer"] = updates[i]
+            old = [i for i in range(len(params)) if i not in set(fresh)]
+            if old:
+                buffers = [states[i]["momentum_buffer"] for i in old]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, [updates[i] for i in old])
+            updates = [state["momentum_buffer"] for state in states]
+        torch._foreach_sub_(params, updates)
+
+
 def build_lars(
     param_groups: Iterable[Any],
     *,
@@ -121,6 +159,7 @@ def build_lars(
     momentum: float = 0.9,
     weight_decay: float = 1e-6,
     eta: float = 1e-3,
+    foreach: bool = True,
 ) -> LARS:
     """``LARS(param_groups, ...)``; groups keep their own ``weight_decay``/``lars_adaptation``."""
-    return LARS(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
+    return LARS(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, foreach=foreach)

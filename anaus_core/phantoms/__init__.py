@@ -9,6 +9,7 @@ See ``docs/phantoms.md``.
 
 from anaus_core.phantoms.corpus import make_phantom_corpus, phantom_id, read_sidecar, write_phantom
 from anaus_core.phantoms.figure import contact_sheet, save_contact_sheet
+from anaus_core.phantoms.overlays import AnnotatedPhantom, add_annotations
 from anaus_core.phantoms.geometry import (
     DEPTH_STEP_REF,
     REFERENCE_SIZE,
@@ -44,6 +45,8 @@ from anaus_core.phantoms.structures import KINDS, Band, Ellipse, Structure, pain
 
 __all__ = [
     "Acoustics",
+    "AnnotatedPhantom",
+    "add_annotations",
     "Band",
     "Beam",
     "BeamGrid",

@@ -1,5 +1,6 @@
 """Writing a phantom corpus to disk: ``img/<id>.png``, ``label/<id>.png`` and
-``label/<id>.json`` per phantom."""
+``label/<id>.json`` per phantom; with annotations also ``truth/<id>_fov.png`` (the true field
+of view) and ``truth/<id>_overlay.png`` (the burned-in annotation pixels), 0/255 each."""
 
 from __future__ import annotations
 
@@ -20,20 +21,39 @@ def phantom_id(index: int) -> str:
     return f"phantom_{index:05d}"
 
 
-def write_phantom(out_dir: Path, phantom_key: str, phantom: Phantom, *, seed: int, index: int) -> None:
-    """Write one phantom's image PNG, label PNG and JSON sidecar under ``out_dir``."""
-    Image.fromarray(phantom.image, mode="L").save(out_dir / "img" / f"{phantom_key}.png")
-    Image.fromarray(phantom.label, mode="L").save(out_dir / "label" / f"{phantom_key}.png")
+def write_phantom(out_dir: Path, phantom_key: str, phantom: Phantom, *, seed: int, index: int, annotations: bool = False) -> None:
+    """Write one phantom's image PNG, label PNG and JSON sidecar under ``out_dir``; with
+    ``annotations`` the image is an RGB screen with burned-in overlays
+    (``anaus_core.phantoms.overlays``) and the truth masks go to ``truth/``."""
     sidecar = phantom.sidecar(id=phantom_key, seed=seed, index=index)
+    if annotations:
+        from anaus_core.phantoms.overlays import add_annotations
+
+        # its own random stream: the phantom itself is the same with or without overlays
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0xA770]))
+        screen = add_annotations(phantom.image, phantom.label, phantom.fan, rng)
+        Image.fromarray(screen.rgb, mode="RGB").save(out_dir / "img" / f"{phantom_key}.png")
+        Image.fromarray(screen.label, mode="L").save(out_dir / "label" / f"{phantom_key}.png")
+        (out_dir / "truth").mkdir(exist_ok=True)
+        fov_name, overlay_name = f"truth/{phantom_key}_fov.png", f"truth/{phantom_key}_overlay.png"
+        Image.fromarray(screen.field_of_view.astype(np.uint8) * 255, mode="L").save(out_dir / fov_name)
+        Image.fromarray(screen.overlay.astype(np.uint8) * 255, mode="L").save(out_dir / overlay_name)
+        sidecar["annotations"] = {"items": screen.items, "field_of_view_png": fov_name, "overlay_png": overlay_name}
+    else:
+        Image.fromarray(phantom.image, mode="L").save(out_dir / "img" / f"{phantom_key}.png")
+        Image.fromarray(phantom.label, mode="L").save(out_dir / "label" / f"{phantom_key}.png")
     (out_dir / "label" / f"{phantom_key}.json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
 
 
-def make_phantom_corpus(out_dir, *, count: int, size: int, seed: int, progress: bool = False) -> list[str]:
+def make_phantom_corpus(out_dir, *, count: int, size: int, seed: int, progress: bool = False, annotations: bool = False,
+                        geometry: str | None = None) -> list[str]:
     """Generate ``count`` phantoms of ``size`` x ``size`` pixels into ``out_dir`` and return
     their ids (``phantom_00000``, ...).
 
     Phantom ``i`` depends only on ``(seed, i, size)``: a larger ``count`` adds images without
-    changing the first ones. Even indices use a linear probe, odd ones a sector. Existing files
+    changing the first ones. Even indices use a linear probe, odd ones a sector (``geometry``
+"linear" or "sector" makes them all one kind). ``annotations`` burns in text, a depth
+ruler, calipers, a colour bar and a logo (``write_phantom``). Existing files
     with the same names are overwritten. Bad arguments raise :class:`UserInputError`.
     """
     out_dir = Path(out_dir)
@@ -43,6 +63,8 @@ def make_phantom_corpus(out_dir, *, count: int, size: int, seed: int, progress: 
         raise UserInputError(f"--size: must be an integer in {MIN_SIZE}..{MAX_SIZE} pixels, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserInputError(f"--seed: must be a non-negative integer, got {seed!r}")
+    if geometry is not None and geometry not in ("linear", "sector"):
+        raise UserInputError(f"--geometry: must be linear or sector, got {geometry!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"{out_dir}: exists and is not a directory")
     for sub in ("img", "label"):
@@ -56,11 +78,11 @@ def make_phantom_corpus(out_dir, *, count: int, size: int, seed: int, progress: 
         with Progress(*columns) as bar:
             task = bar.add_task("phantoms", total=count)
             for index, key in enumerate(ids):
-                write_phantom(out_dir, key, generate_phantom(size=int(size), seed=int(seed), index=index), seed=int(seed), index=index)
+                write_phantom(out_dir, key, generate_phantom(size=int(size), seed=int(seed), index=index, geometry=geometry), seed=int(seed), index=index, annotations=annotations)
                 bar.advance(task)
     else:
         for index, key in enumerate(ids):
-            write_phantom(out_dir, key, generate_phantom(size=int(size), seed=int(seed), index=index), seed=int(seed), index=index)
+            write_phantom(out_dir, key, generate_phantom(size=int(size), seed=int(seed), index=index, geometry=geometry), seed=int(seed), index=index, annotations=annotations)
     return ids
 
 

@@ -46,6 +46,7 @@ class OptimConfig:
     ema_base: float = 0.99           # target EMA decay tau, cosine from ema_base to 1
     accumulation_steps: int = 1      # micro-steps per optimiser step
     grad_clip_norm: Optional[float] = None
+    foreach: bool = True             # LARS with torch._foreach_* kernels (False: the per-parameter loop)
     name: Literal["lars", "adamw"] = "lars"   # adamw: the ViT methods' optimiser (DINO/iBOT/MAE); lars_eta/sgd_momentum unused
 
 
@@ -65,6 +66,9 @@ class RunConfig:
     progress: bool = True            # rich progress bar with images/s and ETA
     tensorboard: bool = True         # event files in RUN/tensorboard when tensorboard is installed
     deterministic: bool = False      # torch.use_deterministic_algorithms (slower on CUDA)
+    # torch.compile of the method's networks: "auto" = on CUDA (where it pays for its compile
+    # time), off on the CPU; "on" / "off" force it
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -118,6 +122,8 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         config.model.validate()
     except ConfigError as exc:
         raise ConfigError(str(exc) if str(exc).startswith("model") else f"model.{exc}") from None
+    if run.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"run.compile: must be auto, on or off, got {run.compile!r}")
     if run.log_every < 1:
         raise ConfigError(f"run.log_every: must be >= 1, got {run.log_every}")
     if run.checkpoint_every < 0:

@@ -177,7 +177,14 @@ def build_optimizer(method, config: PretrainConfig, peak_lr: float):
         return torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars_adaptation"} for g in groups],
                                  lr=peak_lr, betas=(0.9, 0.999), weight_decay=config.optim.weight_decay)
     return build_lars(groups, lr=peak_lr, momentum=config.optim.sgd_momentum,
-                      weight_decay=config.optim.weight_decay, eta=config.optim.lars_eta)
+                      weight_decay=config.optim.weight_decay, eta=config.optim.lars_eta,
+                      foreach=config.optim.foreach)
+
+
+def use_compile(config: PretrainConfig, device: torch.device) -> bool:
+    """``run.compile``: "on", "off", or "auto" = on CUDA only (on the CPU the compile time is
+    not won back in a run of this size, and the step is not kernel-launch bound)."""
+    return config.run.compile == "on" or (config.run.compile == "auto" and device.type == "cuda")
 
 
 def learning_rate(step: int, schedule: Schedule, config: PretrainConfig) -> float:
@@ -314,6 +321,8 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
     if use_channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config, schedule.peak_lr)
+    if use_compile(config, device):
+        model.compile_for_training()
 
     step, epoch, batches_done = 0, 0, 0
     if resume_path is not None:
@@ -402,7 +411,7 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                     for key, value in outputs.items():
                         if isinstance(value, torch.Tensor) and value.dim() == 0:
                             step_values[key] = step_values.get(key, 0.0) + value.detach().float() / accumulation
-                    del prepared, outputs
+                    del prepared
 
                 lr = learning_rate(step, schedule, config)
                 for group in optimizer.param_groups:
@@ -416,6 +425,9 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                 progress.advance(step, window)
 
                 if step % config.run.log_every == 0 or step == end_step:
+                    # collapse/health monitors of the step's last micro-batch (log steps only)
+                    for key, value in model.health(outputs).items():
+                        step_values[key] = value.detach().float().reshape(())
                     record = _log_record(step, epoch, step_values, lr, method_logs, window, context, device)
                     if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss")):
                         metrics.log(record)

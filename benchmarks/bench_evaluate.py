@@ -1,0 +1,167 @@
+"""Evaluation benchmarks.
+
+1. ``speed``: (a) the linear protocol's cost per 1,000 images with features cached (the
+   feature pass, reported separately, then the lr x wd grid over k folds on the cached
+   features), and (b) segmentation fine-tuning throughput (images/s, light FPN decoder,
+   ResNet-18, finetune-full) on the chosen device. Medians of repeats.
+2. ``phantoms``: the phantom comparison of docs/benchmarks.md: a short AnaUS pre-training and a
+   whole-image BYOL pre-training (``model.objective=byol``, ``model.context=false``: one
+   whole-image mask, same network, same steps, same shards) vs ``random``, evaluated on
+   held-apart phantoms (classification of the dominant structure kind, segmentation of cysts),
+   5 folds, paired Wilcoxon p-values. Every step is the ordinary CLI
+   (make-phantoms -> precompute-masks -> pretrain -> evaluate).
+
+Run:  python3 benchmarks/bench_evaluate.py speed [--device cuda]
+      python3 benchmarks/bench_evaluate.py phantoms --work /tmp/phantom-eval [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def speed(args) -> dict:
+    from anaus_core.evaluate.backbones import build_backbone, set_trainable
+    from anaus_core.evaluate.config import FinetuneConfig, LinearConfig
+    from anaus_core.evaluate.encoders import EncoderSpec, load_encoder
+    from anaus_core.evaluate.features import extract_features
+    from anaus_core.evaluate.folds import make_folds
+    from anaus_core.evaluate.linear import train_linear_grid
+    from anaus_core.evaluate.seg_heads import build_segmenter
+    from anaus_core.evaluate.segment import train_segmenter
+    from anaus_core.evaluate.tensors import resolve_device
+
+    device = resolve_device(args.device)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    weights = load_encoder(EncoderSpec("random", None))
+    n, size, classes = args.images, args.size, 3
+    images = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
+    labels = rng.integers(0, classes, n)
+    backbone = build_backbone(weights)
+    extract_features(backbone, images[:8], device=device)  # warm-up
+    t0 = time.perf_counter()
+    features = extract_features(backbone, images, device=device, batch_size=64)
+    feature_s = time.perf_counter() - t0
+    folds = make_folds(labels, [str(i) for i in range(n)], k=5, seed=0, val_fraction=0.2)
+    config = LinearConfig()
+    grid_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for fold in folds:
+            tr, va, te = (np.array(x) for x in (fold.train, fold.val, fold.test))
+            train_linear_grid(features[tr], torch.from_numpy(labels[tr]), features[va], torch.from_numpy(labels[va]),
+                              features[te], num_classes=classes, config=config, seed=0, device=device)
+        grid_times.append(time.perf_counter() - t0)
+    grid_s = statistics.median(grid_times)
+    # segmentation fine-tuning images/s
+    seg_n = args.seg_images
+    seg_images = images[:seg_n]
+    targets = (rng.random((seg_n, size, size)) < 0.1).astype(np.int64)
+    model = build_segmenter(weights, build_backbone(weights), num_classes=2)
+    set_trainable(model.backbone, last_stages=None)
+    seg_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        train_segmenter(model, images=seg_images, targets=targets, train=np.arange(seg_n), select=np.arange(2),
+                        num_classes=2, epochs=1, lr=1e-3, weight_decay=1e-4, batch_size=FinetuneConfig().batch_size,
+                        seed=0, device=device)
+        seg_times.append(time.perf_counter() - t0)
+    seg_ips = seg_n / statistics.median(seg_times)
+    result = {
+        "device": str(device), "torch_threads": torch.get_num_threads(), "images": n, "size": size,
+        "feature_pass_s_per_1000": feature_s / n * 1000,
+        "linear_grid_s_per_1000": grid_s / n * 1000,
+        "linear_total_s_per_1000": (feature_s + grid_s) / n * 1000,
+        "heads": len(config.learning_rates) * len(config.weight_decays), "folds": 5, "linear_epochs": config.epochs,
+        "segmentation_finetune_images_per_s": seg_ips, "segmentation_images": seg_n,
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def _cli(*args: str, log) -> None:
+    command = [sys.executable, "-m", "cli", *args]
+    print("$", " ".join(command), file=log, flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT,
+                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    print(f"# {time.perf_counter() - started:.0f} s", file=log, flush=True)
+
+
+def phantoms(args) -> None:
+    from anaus_core.config import save_config
+    from anaus_core.evaluate.phantom_tasks import write_phantom_tasks
+    from cli import demo_pretrain_config
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = open(work / "log.txt", "a")
+    shards = work / "shards"
+    if not (shards / "manifest.json").exists():
+        _cli("make-phantoms", str(work / "pretrain_corpus"), "--count", str(args.pretrain_count), "--size", str(args.size),
+             "--seed", "0", log=log)
+        _cli("precompute-masks", str(work / "pretrain_corpus" / "img"), "--out", str(shards), "--masker", "felzenszwalb",
+             "--stored-size", str(args.size), "--no-progress", log=log)
+    config_path = work / "pretrain.yaml"
+    save_config(demo_pretrain_config(shards, steps=args.steps, seed=0, batch_size=args.batch_size), config_path)
+    runs = {"anaus": [], "byol": ["--set", "model.objective=byol", "--set", "model.context=false"]}
+    for name, extra in runs.items():
+        if not (work / name / "encoder.pt").exists():
+            _cli("pretrain", "--config", str(config_path), "--shards", str(shards), "--out", str(work / name),
+                 "--steps", str(args.steps), "--no-progress", *extra, log=log)
+    held = work / "heldapart"
+    if not (held / "img").exists():
+        _cli("make-phantoms", str(held), "--count", str(args.eval_count), "--size", str(args.size), "--seed", "7919", log=log)
+    tasks = write_phantom_tasks(held, work / "tasks", segment_kind="cyst", min_per_class=args.folds + 2)
+    print(f"# tasks: {tasks}", file=log, flush=True)
+    encoders = ["--encoder", f"anaus={work / 'anaus' / 'encoder.pt'}", "--encoder", f"byol={work / 'byol' / 'encoder.pt'}",
+                "--encoder", "random"]
+    common = ["--folds", str(args.folds), "--image-size", str(args.size), "--no-progress", "--device", "cpu"]
+    _cli("evaluate", str(tasks["classification"]), "--out", str(work / "eval_classification"), *encoders, *common,
+         "--protocol", "linear", log=log)
+    _cli("evaluate", str(tasks["segmentation"]), "--task", "segmentation", "--out", str(work / "eval_segmentation"),
+         *encoders, *common, "--protocol", "linear", "--epochs", str(args.seg_epochs), "--set", "finetune.batch_size=16",
+         log=log)
+    print(f"# reports: {work / 'eval_classification' / 'results.md'}, {work / 'eval_segmentation' / 'results.md'}",
+          file=log, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--images", type=int, default=1000)
+    s.add_argument("--seg-images", type=int, default=64)
+    s.add_argument("--size", type=int, default=224)
+    s.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("phantoms")
+    p.add_argument("--work", required=True)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--pretrain-count", type=int, default=200)
+    p.add_argument("--eval-count", type=int, default=120)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seg-epochs", type=int, default=8)
+    args = parser.parse_args()
+    speed(args) if args.mode == "speed" else phantoms(args)
+
+
+if __name__ == "__main__":
+    main()
