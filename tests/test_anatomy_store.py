@@ -83,18 +83,19 @@ def test_anatomy_from_csv_is_a_pack_only_change(phantom_corpus, tmp_path):
     assert first.samples == len(truth)
 
 
-def test_anatomy_from_folder_and_dicom(tmp_path):
+def test_anatomy_from_folder_and_dicom(phantom_corpus, tmp_path):
     from PIL import Image
 
     from tests.test_ingest import write_dicom
 
     corpus = tmp_path / "corpus"
-    rng = np.random.default_rng(0)
-    for folder in ("liver", "thyroid"):
+    # phantom B-mode images (the precompute's scan-region stage wants an ultrasound-like image)
+    phantoms = [np.asarray(Image.open(p).convert("L")) for p in sorted((phantom_corpus / "img").glob("*.png"))[:4]]
+    for folder, image in zip(("liver", "thyroid"), phantoms):
         (corpus / folder).mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(corpus / folder / "a.png")
-    Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(corpus / "root.png")
-    write_dicom(corpus / "scan.dcm", rng.integers(0, 255, (40, 48), dtype=np.uint8), BodyPartExamined="THYROID")
+        Image.fromarray(image).save(corpus / folder / "a.png")
+    Image.fromarray(phantoms[2]).save(corpus / "root.png")
+    write_dicom(corpus / "scan.dcm", phantoms[3], BodyPartExamined="THYROID")
     out = tmp_path / "store"
     run_precompute(PrecomputeConfig(corpus=str(corpus), out=str(out), masker="kmeans", stored_size=32,
                                     samples_per_shard=2, progress=False, anatomy="folder"), show_report=False)
