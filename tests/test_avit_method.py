@@ -160,3 +160,19 @@ def test_resume_continues_with_the_same_losses(tmp_path):
     optimizer.load_state_dict(state["optimizer"])
     resumed = first + [_step(method, optimizer, step, total)[0]["loss"] for step in range(2, total)]
     assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
+
+
+def test_export_is_read_by_anaus_evaluate(tmp_path):
+    """``anaus evaluate --encoder avit=encoder.pt`` recognises the export as a timm ViT and its
+    features are the teacher's CLS token."""
+    from anaus_core.evaluate.backbones import build_backbone
+    from anaus_core.evaluate.encoders import EncoderSpec, load_encoder
+
+    method = AViTMethod(config=tiny_avit_config())
+    method.export(tmp_path)
+    weights = load_encoder(EncoderSpec("avit", tmp_path / "encoder.pt"))
+    assert weights.kind == "vit"
+    backbone = build_backbone(weights).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.features(images), method.teacher.vit.forward_features(images)[:, 0])
