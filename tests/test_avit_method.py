@@ -137,7 +137,7 @@ def test_loss_ablations_remove_terms():
         assert bool(unused) == method.has_unused_parameters(), (overrides, unused)
 
 
-def test_resume_continues_with_the_same_losses(tmp_path):
+def test_state_dict_round_trip_continues_with_the_same_losses(tmp_path):
     """Minimal loop: 4 steps straight vs 2 steps, state saved/loaded into a fresh method, 2 more."""
     total = 4
 
