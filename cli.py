@@ -231,6 +231,7 @@ def precompute_masks_command(
     min_area: Optional[int] = typer.Option(None, help="Drop masks smaller than this many pixels (default 16)."),
     max_masks: Optional[int] = typer.Option(None, help="Keep at most this many masks per image, residual included (default 32)."),
     samples_per_shard: Optional[int] = typer.Option(None, help="Mean samples per shard (default 1000)."),
+    anatomy: Optional[str] = typer.Option(None, "--anatomy", help="Anatomy category per sample (A-ViT): csv:FILE, folder, dicom (BodyPartExamined) or lpsam (largest class); pack stage only."),
     workers: Optional[int] = typer.Option(None, help="Local worker processes (default 0 = in this process)."),
     scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (tcp://host:8786)."),
     batch_size: Optional[int] = typer.Option(None, help="Samples per task and per masker call (default 8)."),
@@ -272,6 +273,7 @@ def precompute_masks_command(
         "min_area": min_area,
         "max_masks": max_masks,
         "samples_per_shard": samples_per_shard,
+        "anatomy": anatomy,
         "workers": workers,
         "scheduler": scheduler,
         "batch_size": batch_size,
@@ -538,9 +540,31 @@ def shard_data_source(config, *, source=None):
     if source is None:
         source = open_vetted_shards(data.shards)
     on_cuda = config.run.device == "cuda" or (config.run.device == "auto" and torch.cuda.is_available())
+    batch_transform = None
+    if config.method == "avit":  # A-ViT's multi-crop views, decoded with the store's checks
+        from anaus_core.methods.avit import avit_batch_transform
+        from shards.anatomy_sample import decode_image_and_anatomy
+
+        batch_transform = avit_batch_transform(config, decode=decode_image_and_anatomy)
     return ShardDataSource(source, num_workers=data.num_workers, seed=config.run.seed,
                            view_config=config.views.resolved(on_cuda=on_cuda), shuffle_buffer=data.shuffle_buffer,
-                           pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor)
+                           pin_memory=data.pin_memory and on_cuda, prefetch_factor=data.prefetch_factor,
+                           batch_transform=batch_transform)
+
+
+def store_anatomy_categories(config):
+    """``avit.categories`` from the store's manifest (``precompute-masks --anatomy``) when the
+    config names none; a config that lists them (or a resumed run's) is kept as it is."""
+    if config.method != "avit" or config.avit.categories:
+        return config
+    from dataclasses import replace
+
+    from shards.index import MANIFEST_NAME, read_manifest
+
+    if not (Path(config.data.shards) / MANIFEST_NAME).is_file():  # shard URLs without a store: no vocabulary
+        return config
+    categories = read_manifest(config.data.shards).get("anatomy", {}).get("categories", [])
+    return replace(config, avit=replace(config.avit, categories=[c for c in categories if c != "unknown"]))
 
 
 def _init_overrides(init: Optional[str], weights: Optional[Path]) -> dict:
@@ -638,6 +662,7 @@ def pretrain_command(
         raise ConfigError(f"{config_file or 'options'}: {exc}") from None
     if not config.data.shards:
         raise UserInputError("--shards: no shard folder given (option or data.shards in --config)")
+    config = store_anatomy_categories(config)
     result = _pretrain_checked(config, out, resume_path=resume_path, typed_shards=shards, allow_pipe=allow_pipe_shards,
                                allow_remote=allow_remote_shards, skip_bad=skip_bad_shards)
     if result.encoder_path is not None:

@@ -44,6 +44,7 @@ class PrecomputeConfig:
     # -- pyramid and packing -----------------------------------------------------------------
     scales: list[int] = field(default_factory=lambda: list(DEFAULT_SCALES))
     samples_per_shard: int = 1000
+    anatomy: Optional[str] = None  # --anatomy: csv:FILE | folder | dicom | lpsam (pipeline/anatomy.py); pack stage only
     # -- execution (changes no output) ---------------------------------------------------------
     workers: int = 0  # 0: in this process; N >= 1: N local worker processes
     scheduler: Optional[str] = None  # dask.distributed scheduler address, e.g. tcp://host:8786

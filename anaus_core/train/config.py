@@ -16,6 +16,7 @@ from anaus_core.config import ConfigError
 
 from anaus_core.augment.device import DeviceAugmentConfig
 from anaus_core.augment.views import ViewConfig
+from anaus_core.avit.config import AViTConfig
 from anaus_core.models.anaus_model import AnaUSConfig
 
 
@@ -46,6 +47,7 @@ class OptimConfig:
     accumulation_steps: int = 1      # micro-steps per optimiser step
     grad_clip_norm: Optional[float] = None
     foreach: bool = True             # LARS with torch._foreach_* kernels (False: the per-parameter loop)
+    name: Literal["lars", "adamw"] = "lars"   # adamw: the ViT methods' optimiser (DINO/iBOT/MAE); lars_eta/sgd_momentum unused
 
 
 @dataclass
@@ -87,6 +89,7 @@ class PretrainConfig:
     model: AnaUSConfig = field(default_factory=AnaUSConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    avit: AViTConfig = field(default_factory=AViTConfig)   # method "avit" (docs/avit.md)
 
 
 def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
@@ -132,6 +135,8 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         raise ConfigError(f"run.checkpoint_every: must be >= 0, got {run.checkpoint_every}")
     if not 0 <= optim.ema_base <= 1:
         raise ConfigError(f"optim.ema_base: must be in [0, 1], got {optim.ema_base}")
+    if config.method == "avit":
+        config.avit.validate()
 
 
 def micro_batch_size(config: PretrainConfig, world_size: int) -> int:

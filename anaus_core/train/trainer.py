@@ -172,6 +172,10 @@ def build_optimizer(method, config: PretrainConfig, peak_lr: float):
         group["lars_adaptation"] = not exclude
         group.setdefault("weight_decay", 0.0 if exclude else config.optim.weight_decay)
         groups.append(group)
+    if config.optim.name == "adamw":
+        # ViT recipe (DINO, iBOT, MAE): AdamW; the groups keep their weight decay, the LARS flag is dropped
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars_adaptation"} for g in groups],
+                                 lr=peak_lr, betas=(0.9, 0.999), weight_decay=config.optim.weight_decay)
     return build_lars(groups, lr=peak_lr, momentum=config.optim.sgd_momentum,
                       weight_decay=config.optim.weight_decay, eta=config.optim.lars_eta,
                       foreach=config.optim.foreach)
