@@ -44,6 +44,7 @@ class PrecomputeConfig:
     # -- pyramid and packing -----------------------------------------------------------------
     scales: list[int] = field(default_factory=lambda: list(DEFAULT_SCALES))
     samples_per_shard: int = 1000
+    anatomy: Optional[str] = None  # --anatomy: csv:FILE | folder | dicom | lpsam (pipeline/anatomy.py); pack stage only
     # -- execution (changes no output) ---------------------------------------------------------
     workers: int = 0  # 0: in this process; N >= 1: N local worker processes
     scheduler: Optional[str] = None  # dask.distributed scheduler address, e.g. tcp://host:8786
@@ -57,3 +58,7 @@ class PrecomputeConfig:
     dry_run: bool = False
     gc: bool = False
     progress: bool = True
+    # -- guards of an existing output (pipeline/output_guard.py) -------------------------------
+    allow_shrink: bool = False  # let a run remove more than max_shrink of the store's samples
+    max_shrink: float = 0.5  # largest fraction of samples a run may remove without allow_shrink
+    allow_masker_change: bool = False  # let a run rebuild a store made with another masker

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shards.shard_stream import ShardStream
+from anaus_core.shard_urls import ShardUrlPolicy
 from shards.source import ShardSource, resolve_shards
 from shards.training_sample import TrainingSample, decode_training_sample, peek_training_shape
 
@@ -126,13 +127,16 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
                           rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0,
                           view_config=None, num_mask_samples: int | None = None, shuffle_buffer: int = 0,
                           pin_memory: bool = False, prefetch_factor: int = 2,
-                          decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> PretrainLoader:
+                          decode: Callable[[Mapping[str, bytes]], Any] | None = None,
+                          batch_transform: Callable[[list, np.ndarray, int, int], Any] | None = None) -> PretrainLoader:
     """A loader that yields CONTRACTS.md pre-training batches (dict of CPU tensors) for one rank and epoch.
 
     ``len(loader) == batches_per_epoch - start_batch``, identical on every rank. ``index`` in
     each batch is the canonical sample number (shards in name order, members in tar order; the
     row of the sample in the shard store's index). ``shuffle_buffer=0`` selects the global
     random-access shuffle when the source is a shard directory with its index.
+    ``batch_transform``: a method's own batch transform (e.g. A-ViT's multi-crop), used instead of
+    ``PretrainBatchTransform`` (same call signature; ``view_config``/``decode`` then unused).
     """
     from dataclasses import replace
 
@@ -144,7 +148,7 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
         config = replace(config, num_mask_samples=int(num_mask_samples))
     dataset = ShardStream(shards, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                           num_workers=num_workers, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                          batch_transform=PretrainBatchTransform(config, seed=seed, decode=decode))
+                          batch_transform=batch_transform or PretrainBatchTransform(config, seed=seed, decode=decode))
     return PretrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
 
@@ -160,10 +164,13 @@ class ShardDataSource:
     pin_memory: bool = False
     prefetch_factor: int = 2
     decode: Callable[[Mapping[str, bytes]], Any] | None = field(default=None, repr=False)
+    batch_transform: Any = field(default=None, repr=False)   # a method's own (picklable) batch transform
 
     @classmethod
-    def open(cls, source: str | os.PathLike | Sequence[str], **kwargs: Any) -> "ShardDataSource":
-        return cls(resolve_shards(source), **kwargs)
+    def open(cls, source: str | os.PathLike | Sequence[str], *, policy: ShardUrlPolicy = ShardUrlPolicy(),
+             **kwargs: Any) -> "ShardDataSource":
+        """``policy``: pipe:/remote URLs are refused unless it allows them (anaus_core/shard_urls.py)."""
+        return cls(resolve_shards(source, policy=policy), **kwargs)
 
     @property
     def num_samples(self) -> int:
@@ -173,4 +180,5 @@ class ShardDataSource:
         return build_pretrain_loader(self.source, batch_size=batch_size, num_workers=self.num_workers, rank=rank,
                                      world_size=world_size, seed=self.seed, epoch=epoch, start_batch=skip_batches,
                                      view_config=self.view_config, shuffle_buffer=self.shuffle_buffer,
-                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, decode=self.decode)
+                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, decode=self.decode,
+                                     batch_transform=self.batch_transform)
