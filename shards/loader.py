@@ -53,28 +53,33 @@ class PretrainBatchTransform:
         samples = [self._decoded(raw) for raw in raws]
         return build_batch(self.views, samples, numbers, rng)
 
-    def _decoded(self, raw: Mapping[str, Any]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray | None]:
-        """(image, masks, ids, area grid) of one raw sample, with the default or a custom decode."""
+    def _decoded(self, raw: Mapping[str, Any]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(image, masks, ids, area grid, scan region) of one raw sample, with the default or a custom decode."""
         sample = self.decode(raw) if self.decode is not None else decode_training_sample(raw)
         if isinstance(sample, TrainingSample):
-            return sample.image, sample.mask_layers, sample.mask_ids, sample.area_grid
+            return sample.image, sample.mask_layers, sample.mask_ids, sample.area_grid, sample.scan_region
         mask_set = sample.mask_set  # a ShardSample from a custom decode (e.g. shards.sample.decode_sample)
         pyramid = getattr(sample, "mask_pyramid", None)
         grid = pyramid[max(pyramid)] if pyramid and len(mask_set) else None
-        return sample.image, mask_set.masks, mask_set.ids, None if grid is None else np.asarray(grid, np.uint8)
+        return (sample.image, mask_set.masks, mask_set.ids, None if grid is None else np.asarray(grid, np.uint8),
+                getattr(sample, "scan_region", None))
 
     def _device_batch(self, raws: Sequence[Mapping[str, Any]], shapes: list, numbers: np.ndarray,
                       rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Device-geometry batch with every sample decoded into its slot of the canvas."""
-        from anaus_core.augment.batch import device_batch_layout, fill_device_fields, place_layers_on_canvas, place_on_canvas
+        from anaus_core.augment.batch import (device_batch_layout, fill_device_fields, place_layers_on_canvas,
+                                              place_on_canvas, place_region_on_canvas)
         from anaus_core.augment.collate import alloc_batch
         from anaus_core.augment.draws import draw_batch
+        from shards.sample import REGION_FIELD
 
         config = self.views.config
         height = max(shape[0] for shape in shapes)
         width = max(shape[1] for shape in shapes)
         wide = any(shape[3] != 1 for shape in shapes)
-        out = alloc_batch(device_batch_layout(len(raws), config, height, width, max(shape[2] for shape in shapes), wide))
+        has_region = any(raw.get(REGION_FIELD) is not None for raw in raws)
+        out = alloc_batch(device_batch_layout(len(raws), config, height, width, max(shape[2] for shape in shapes), wide,
+                                              region=has_region))
         images, layers = out["image"].numpy(), out["mask_layers"].numpy()
         decoded = []
         for row, (raw, (h, w, count, _)) in enumerate(zip(raws, shapes)):
@@ -84,11 +89,14 @@ class PretrainBatchTransform:
             in_place = target is not None and sample.mask_layers.layers is target
             place_on_canvas(images[row, 0], sample.image)
             place_layers_on_canvas(layers[row], None if in_place else sample.mask_layers.layers, count, h, w)
+            if has_region:
+                place_region_on_canvas(out["region"].numpy()[row, 0], sample.scan_region, sample.image.shape)
             decoded.append(sample)
         grids = [s.area_grid for s in decoded]
         draws = draw_batch(rng, [s.image.shape for s in decoded], config=config,
                            grids=None if any(g is None for g in grids) else grids,
-                           masks=[s.mask_layers for s in decoded])
+                           masks=[s.mask_layers for s in decoded],
+                           regions=[s.scan_region for s in decoded] if has_region else None)
         fill_device_fields(out, draws, [s.mask_layers.layer_of_mask for s in decoded], [s.mask_ids for s in decoded],
                            numbers, config.size)
         return out
