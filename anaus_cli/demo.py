@@ -22,7 +22,7 @@ class DemoMasker(str, enum.Enum):
 
 
 def run_demo(out: Path, *, count: int = 24, size: int = 128, masker: str = "felzenszwalb", seed: int = 0, progress: bool = True, pretrain_steps: int = 200,
-             annotations: bool = False, eval_count: int = 0) -> dict:
+             annotations: bool = True, eval_count: int = 0) -> dict:
     """The README demo, end to end on a machine without weights. Steps (each a library call):
 
     1. phantoms: ``count`` phantom images + labels under ``OUT/corpus`` (``make_phantom_corpus``);
@@ -149,7 +149,7 @@ def demo_command(
     masker: DemoMasker = typer.Option(DemoMasker.felzenszwalb, help="Weight-free mask source."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     pretrain_steps: int = typer.Option(200, "--pretrain-steps", min=0, help="CPU pre-training steps on the demo shards (0 skips the step)."),
-    annotations: bool = typer.Option(False, "--annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar (the scan region removes them)."),
+    annotations: bool = typer.Option(True, "--annotations/--no-annotations", help="Phantoms with burned-in text, rulers, calipers and a colour bar, as on real scans (the scan region removes them)."),
     eval_count: int = typer.Option(60, "--eval-count", min=0, help="Held-apart phantoms on which the demo encoder is evaluated against random (0 skips the step)."),
 ) -> None:
     """Run the README demo: phantoms -> precompute-masks -> inspect-shard -> pretrain + loss curve (no weights needed)."""
