@@ -200,29 +200,4 @@ class StageCache:
         return removed, freed
 
 
-def clean_stale_temps(directory: str | Path, *, recursive: bool = True) -> int:
-    """Remove temporary files and folders left by a killed run (names containing ``.tmp-``,
-    e.g. a half-written shard ``.shard-x.tar.tmp-…`` or index ``.index.zarr.tmp-…``). Only call
-    it while holding the output directory's lock, so no live writer's temp is removed."""
-    import shutil
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        return 0
-    removed = 0
-    for folder, dirs, files in os.walk(directory):
-        for name in list(dirs):
-            if TEMP_MARK in name:
-                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-                dirs.remove(name)
-                removed += 1
-        for name in files:
-            if TEMP_MARK in name:
-                try:
-                    os.unlink(os.path.join(folder, name))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-        if not recursive:
-            break
-    return removed
+from anaus_core.outputs import clean_stale_temps  # noqa: E402  (one implementation for every writing command)

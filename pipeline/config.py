@@ -44,9 +44,11 @@ class PrecomputeConfig:
     # -- pyramid and packing -----------------------------------------------------------------
     scales: list[int] = field(default_factory=lambda: list(DEFAULT_SCALES))
     samples_per_shard: int = 1000
+    anatomy: Optional[str] = None  # --anatomy: csv:FILE | folder | dicom | lpsam (pipeline/anatomy.py); pack stage only
     # -- execution (changes no output) ---------------------------------------------------------
     workers: int = 0  # 0: in this process; N >= 1: N local worker processes
     scheduler: Optional[str] = None  # dask.distributed scheduler address, e.g. tcp://host:8786
+    scheduler_timeout: float = 30.0  # seconds to wait for --scheduler before a one-line error
     batch_size: int = 8  # samples per task (and per masker call)
     device: str = "cpu"
     # in-process runs: source batches ingested ahead in threads while the masker runs
@@ -57,3 +59,7 @@ class PrecomputeConfig:
     dry_run: bool = False
     gc: bool = False
     progress: bool = True
+    # -- guards of an existing output (pipeline/output_guard.py) -------------------------------
+    allow_shrink: bool = False  # let a run remove more than max_shrink of the store's samples
+    max_shrink: float = 0.5  # largest fraction of samples a run may remove without allow_shrink
+    allow_masker_change: bool = False  # let a run rebuild a store made with another masker

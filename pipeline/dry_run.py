@@ -30,6 +30,11 @@ def _dry_run_plan(report: PrecomputeReport, counts: dict[str, int], tables: RunT
     keys = 0
     current = set()
     pack_options = settings.pack_options if settings is not None else {"scales": [int(s) for s in config.scales], "groups": None}
+    from pipeline.anatomy import parse_anatomy_source
+
+    anatomy = parse_anatomy_source(config.anatomy, corpus=config.corpus)
+    if anatomy is not None:  # as packing._shard_plan: the categories are part of a shard
+        pack_options = {**pack_options, **anatomy.pack_option()}
     for group in shard_groups(tables.dry_run_keys(), config.samples_per_shard, lambda item: item[0]):
         groups += 1
         keys += len(group)

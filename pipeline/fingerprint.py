@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping
 
 
 INGEST_CODE_VERSION = 2  # 2: colour maps and source info in the entry
-REGION_CODE_VERSION = 1
+REGION_CODE_VERSION = 2  # 2: the border is peeled off blurred edge ramps (half maximum)
 MASK_CODE_VERSION = 2  # 2: masks clipped to the scan region, residual inside it
 PYRAMID_CODE_VERSION = 1
 PACK_CODE_VERSION = 2  # 2: scan-region member, origin and group in the record
@@ -143,8 +143,16 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def change_stamp_ns(stat: os.stat_result) -> int:
+    """The newer of a file's mtime and ctime (ns). An in-place edit that keeps the size and puts
+    the old mtime back (``touch -d``, some copy tools) still moves ctime, which user space cannot
+    set: comparing this stamp instead of the mtime alone catches it."""
+    return max(int(stat.st_mtime_ns), int(stat.st_ctime_ns))
+
+
 class StatCache:
-    """path -> sha256, trusted only while (size, mtime_ns, inode) are unchanged.
+    """path -> sha256, trusted only while (size, change stamp, inode) are unchanged; the change
+    stamp is the newer of mtime and ctime (``change_stamp_ns``; stored in the mtime_ns column).
 
     Re-hashing every source on every run would make a no-op run over a large corpus I/O bound;
     this is the same trade-off git's index makes. Like git's "racy" check, an entry whose mtime
@@ -191,7 +199,8 @@ class StatCache:
             row = self._db.execute("SELECT size, mtime_ns, inode, sha256, hashed_at_ns FROM stat WHERE path = ?", (key,)).fetchone()
             if row is not None:
                 size, mtime_ns, inode, digest, hashed_at_ns = row
-                if size == stat.st_size and mtime_ns == stat.st_mtime_ns and inode == stat.st_ino and stat.st_mtime_ns < hashed_at_ns - self.racy_window_ns:
+                stamp = change_stamp_ns(stat)
+                if size == stat.st_size and mtime_ns == stamp and inode == stat.st_ino and stamp < hashed_at_ns - self.racy_window_ns:
                     self.reused += 1
                     return bytes(digest).hex()
         hashed_at = time.time_ns()
@@ -200,7 +209,7 @@ class StatCache:
         if self._db is not None and not self.readonly:
             self._db.execute(
                 "INSERT OR REPLACE INTO stat VALUES (?, ?, ?, ?, ?, ?)",
-                (key, stat.st_size, stat.st_mtime_ns, stat.st_ino, bytes.fromhex(digest), hashed_at),
+                (key, stat.st_size, change_stamp_ns(stat), stat.st_ino, bytes.fromhex(digest), hashed_at),
             )
             if self.hashed % self.COMMIT_EVERY == 0:  # a killed run keeps most of its hashing
                 self._db.commit()

@@ -48,6 +48,9 @@ MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | DICOM_EXTENSIONS | VIDEO_EXTENSIONS
 # Files whose header claims more than this are rejected before any pixel is decoded.
 MAX_SIDE = 16384
 MAX_PIXELS = 100_000_000
+LABELS_MARKER = ".anaus-labels"  # a file in a folder of label images: ingest does not take them as images
+MIN_SIDE = 8  # smaller images carry no structure to segment (a 1x1 image would be trained on as flat noise)
+MAX_STORED_PIXELS = 16 * 1024 * 1024  # the stored (resized) image: bounds what maskers and shards hold per sample
 
 _KEY_ALLOWED = re.compile(r"[^A-Za-z0-9_/-]")
 _CANONICAL_PART = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -303,7 +306,9 @@ def _walk_folder(root: str) -> Iterator[tuple[str, str]]:
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # a folder that declares itself a label folder (LABELS_MARKER, e.g. a phantom corpus's
+        # label/) holds masks, not images: not ingested when its parent is the corpus
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not os.path.exists(os.path.join(dirpath, d, LABELS_MARKER)))
         for filename in sorted(filenames):
             if filename.startswith("."):
                 continue
@@ -355,6 +360,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _check_dimensions(height: int, width: int, what: str = "image") -> None:
     if height <= 0 or width <= 0:
         raise IngestError(f"{what} has no pixels ({width}x{height})")
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise IngestError(f"{what} is {width}x{height} pixels, below the minimum ({MIN_SIDE} px per side)")
     if height > MAX_SIDE or width > MAX_SIDE or height * width > MAX_PIXELS:
         raise IngestError(
             f"{what} is {width}x{height} pixels, above the limit "
@@ -425,6 +432,11 @@ def resize_gray(image: np.ndarray, stored_size: int | None) -> np.ndarray:
     """Resize a uint8 (H, W) image so that its short side is ``stored_size`` (Lanczos)."""
     height, width = image.shape
     new_h, new_w = stored_shape(height, width, stored_size)
+    if new_h > MAX_SIDE or new_w > MAX_SIDE or new_h * new_w > MAX_STORED_PIXELS:
+        # checked before resizing: an extreme aspect ratio (16000x20 at --stored-size 256 would be
+        # 204800x256) must not reach the resize or the masker
+        raise IngestError(f"image is {width}x{height} pixels; stored at {new_w}x{new_h} it would exceed the stored-image limit "
+                          f"({MAX_SIDE} px per side, {MAX_STORED_PIXELS // (1024 * 1024)} Mpx; extreme aspect ratio?)")
     if (new_h, new_w) == (height, width):
         return np.ascontiguousarray(image)
     return np.asarray(Image.fromarray(image, "L").resize((new_w, new_h), Image.Resampling.LANCZOS))

@@ -38,6 +38,7 @@ from pipeline.fingerprint import (
 )
 from pipeline.ingest import make_key
 from pipeline.lock import OutputLock
+from pipeline.output_guard import check_masker, check_sample_count
 # Planning and packing live in modules of their own; their public names stay importable from here.
 from pipeline.packing import (  # noqa: F401
     _index_fingerprints,
@@ -89,8 +90,8 @@ def run_precompute(config: PrecomputeConfig, *, client=None, console=None, show_
     out_dir = Path(config.out)
     show = config.progress if show_report is None else show_report
     lock = OutputLock(out_dir)
-    if config.dry_run and not out_dir.exists():
-        lock = None  # nothing to protect and nothing to create
+    if config.dry_run and (not out_dir.exists() or not os.access(out_dir, os.W_OK)):
+        lock = None  # nothing to protect, nothing to create (a read-only output can be planned)
     if lock is not None:
         lock.acquire()
     try:
@@ -122,6 +123,7 @@ def _run_locked(config: PrecomputeConfig, out_dir: Path, *, client, started: flo
 
     masker, masker_options = build_job_masker(config)
     masker_fp = masker.fingerprint()
+    check_masker(out_dir, str(masker_fp.get("name", config.masker)), allow_change=config.allow_masker_change)
     spec = MaskerSpec(name=config.masker, options_json=canonical_json(masker_options), fingerprint_json=canonical_json(masker_fp))
     ingest_options = ingest_options_of(stored_size=config.stored_size, every_nth_frame=config.every_nth_frame)
     finalize_options = {"min_area": config.min_area, "max_masks": config.max_masks, "add_residual": config.add_residual}
@@ -174,6 +176,7 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     for source_path, relpath in sources:
         if not tables.first_sighting(relpath):
             continue  # a list file naming a file twice
+        counts["sources"] = counts.get("sources", 0) + 1
         report.sources += 1
         path = os.path.abspath(source_path)
         try:
@@ -205,6 +208,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
     report.source_hash_seconds = time.perf_counter() - hash_start
     report.sources_hashed = stat_cache.hashed
     report.plan_seconds = time.perf_counter() - plan_start
+    if not counts.get("sources"):
+        check_sample_count(out_dir, 0, skipped=0, corpus=config.corpus, allow_shrink=True, max_shrink=config.max_shrink)
 
     if config.dry_run:
         _dry_run_plan(report, counts, tables, errors, config, cache, out_dir, settings)
@@ -228,7 +233,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
         progress.advance("mask", known, reused=True)
         progress.advance("pyramid", known, reused=True)
         if to_run:
-            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
+            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client,
+                                     scheduler_timeout=config.scheduler_timeout)
             report.workers = executor.workers
             report.executor = type(executor).__name__.replace("Executor", "").lower()
             if report.executor == "serial":
@@ -267,6 +273,11 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
         if config.strict and report.errors:
             report.exit_code = EXIT_STRICT_FAILURE
         else:
+            # before the commit point: an empty or much smaller corpus (wrong or unmounted folder)
+            # must not replace the published shards (pipeline/output_guard.py)
+            check_sample_count(out_dir, report.samples, skipped=len(report.errors), corpus=config.corpus,
+                               allow_shrink=config.allow_shrink, max_shrink=config.max_shrink,
+                               first_error=report.errors[0] if report.errors else None)
             try:
                 shard_fps = _pack_and_index(report, tables, settings, config, cache, out_dir, masker_fp, executor, client, progress, groups=groups)
             finally:

@@ -80,10 +80,12 @@ def shard_groups(items: Iterable[Any], samples_per_shard: int, key_of: Callable[
         yield group
 
 
-def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeConfig) -> list[tuple[str, str, int, int]]:
+def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeConfig, anatomy=None) -> list[tuple[str, str, int, int]]:
     """(shard fingerprint, shard file name, first position, stop position) in key order; one
     tuple per shard (so it grows with the number of shards, not of samples)."""
     pack_options = settings.pack_options
+    if anatomy is not None:  # --anatomy: the categories are part of what a shard holds
+        pack_options = {**pack_options, **anatomy.pack_option()}
     planned = []
     for group in shard_groups(tables.packed_members(), config.samples_per_shard, lambda member: member.key):
         shard_fp = shard_fingerprint(((m.key, m.pyramid_fp, m.ingest_fp) for m in group), pack_options)
@@ -91,10 +93,11 @@ def _shard_plan(tables: RunTables, settings: StageSettings, config: PrecomputeCo
     return planned
 
 
-def _shard_task(out_dir: Path, name: str, shard_fp: str, refs, settings: StageSettings, groups: dict[str, str] | None) -> ShardTask:
+def _shard_task(out_dir: Path, name: str, shard_fp: str, refs, settings: StageSettings, groups: dict[str, str] | None,
+                anatomy=None) -> ShardTask:
     members_groups = tuple((ref.relpath, groups[ref.relpath]) for ref in refs if groups and ref.relpath in groups)
     return ShardTask(str(out_dir), name, shard_fp, refs, settings.cache_root, settings.scales,
-                     region_digest=settings.region_digest, groups=members_groups)
+                     region_digest=settings.region_digest, groups=members_groups, anatomy=anatomy)
 
 
 def _load_pack_entries(cache_root: str, shard_fp: str):
@@ -127,10 +130,12 @@ def _existing_shard_info(cache: StageCache, out_dir: Path, shard_fp: str, name: 
 
 def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir: Path, masker_fp, executor, client, progress,
                     groups: dict[str, str] | None = None) -> set[str]:
+    from pipeline.anatomy import index_anatomy, parse_anatomy_source
     from shards.index import INDEX_NAME, read_manifest, write_index
 
     pack_start = time.perf_counter()
-    planned = _shard_plan(tables, settings, config)
+    anatomy = parse_anatomy_source(config.anatomy, corpus=config.corpus)
+    planned = _shard_plan(tables, settings, config, anatomy)
     infos: dict[str, Any] = {}
     to_write: list[tuple[str, str, int, int]] = []
     for shard_fp, name, start, stop in planned:
@@ -146,12 +151,13 @@ def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir:
         # Members become SampleRef objects one shard at a time, as the executor asks for work.
         fps = {name: shard_fp for shard_fp, name, _, _ in to_write}
         tasks = (
-            (_shard_task(out_dir, name, shard_fp, tables.packed_refs(start, stop), settings, groups),)
+            (_shard_task(out_dir, name, shard_fp, tables.packed_refs(start, stop), settings, groups, anatomy),)
             for shard_fp, name, start, stop in to_write
         )
         own_executor = executor is None
         if own_executor:
-            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
+            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client,
+                                     scheduler_timeout=config.scheduler_timeout)
         try:
             for result in executor.imap_unordered(write_shard_task, tasks):
                 infos[result.info.name] = _summary(result.info, cache, fps[result.info.name], result.samples)
@@ -183,7 +189,8 @@ def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir:
             unchanged = False
     if not unchanged:
         fault_point("index")
-        write_index(out_dir, ordered, scales=settings.scales, fingerprints=index_fps)
+        write_index(out_dir, ordered, scales=settings.scales, fingerprints=index_fps,
+                    anatomy=index_anatomy(cache, [fp for fp, _, _, _ in planned]) if anatomy is not None else None)
         report.index_written = True
     fault_point("cleanup")
     current = set(names)

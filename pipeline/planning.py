@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from anaus_core.errors import UserInputError
 from pipeline.cache import CacheEntryError, StageCache
 from pipeline.config import PrecomputeConfig
-from pipeline.fingerprint import canonical_json, mask_fingerprint, pyramid_fingerprint
+from pipeline.fingerprint import canonical_json, change_stamp_ns, mask_fingerprint, pyramid_fingerprint
 from pipeline.ingest import make_key
 from pipeline.sample_table import RunTables
 from pipeline.stages import ErrorRecord, SampleRef, SourceTask, StageSettings, image_meta, sample_inputs
@@ -110,6 +110,9 @@ def groups_of(config: PrecomputeConfig) -> tuple[dict[str, str], str | None]:
     return read_groups_csv(path), file_sha256(path)
 
 
+MAX_STORED_SIZE = 4096  # --stored-size bound: a stored image's short side (memory per sample grows with its square)
+
+
 def _check_config(config: PrecomputeConfig) -> None:
     if not config.corpus:
         raise UserInputError("precompute-masks: no corpus given")
@@ -122,10 +125,14 @@ def _check_config(config: PrecomputeConfig) -> None:
     for name in ("samples_per_shard", "batch_size", "every_nth_frame", "max_masks"):
         if int(getattr(config, name)) < 1:
             raise UserInputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(config, name)}")
+    if not 0.0 <= float(config.max_shrink) <= 1.0:
+        raise UserInputError(f"--max-shrink: must be a fraction in [0, 1], got {config.max_shrink}")
     if config.workers < 0:
         raise UserInputError(f"--workers: must be >= 0, got {config.workers}")
-    if config.stored_size is not None and config.stored_size < 1:
-        raise UserInputError(f"--stored-size: must be >= 1, got {config.stored_size}")
+    if not float(config.scheduler_timeout) > 0:
+        raise UserInputError(f"--scheduler-timeout: must be > 0 seconds, got {config.scheduler_timeout}")
+    if config.stored_size is not None and not 1 <= config.stored_size <= MAX_STORED_SIZE:
+        raise UserInputError(f"--stored-size: must be in 1..{MAX_STORED_SIZE} pixels, got {config.stored_size}")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{out}: --out exists and is not a directory")
@@ -212,7 +219,7 @@ class PlanMemo:
                 stat = os.stat(path)
             except OSError:
                 stat = None
-            if stat is not None and (stat.st_size, stat.st_mtime_ns, stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
+            if stat is not None and (stat.st_size, change_stamp_ns(stat), stat.st_ino) == (size, mtime_ns, inode) and mtime_ns < made_ns - self.racy_window_ns:
                 self._write("UPDATE inputs SET run = ? WHERE memo_key = ?", (self.run_id, memo_key))
                 return inputs
         made_ns = time.time_ns()
@@ -220,7 +227,7 @@ class PlanMemo:
         inputs = canonical_json(raw) if raw else "{}"
         path = os.fspath(locate(meta))
         stat = os.stat(path)
-        self._write("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (memo_key, path, stat.st_size, stat.st_mtime_ns, stat.st_ino, made_ns, inputs, self.run_id))
+        self._write("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (memo_key, path, stat.st_size, change_stamp_ns(stat), stat.st_ino, made_ns, inputs, self.run_id))
         return inputs
 
     def save(self) -> None:

@@ -165,7 +165,9 @@ class StageProgress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._progress = Progress(
+            from anaus_core.progress import make_progress
+
+            self._progress = make_progress(
                 TextColumn("{task.description:<7}"),
                 BarColumn(bar_width=30),
                 MofNCompleteColumn(),

@@ -545,6 +545,7 @@ class ShardTask:
     scales: tuple[int, ...]
     region_digest: str = ""
     groups: tuple[tuple[str, str], ...] = ()  # (relpath, group) from groups.csv, for these members
+    anatomy: Any = None  # pipeline.anatomy.AnatomySource: a category per sample (--anatomy)
 
 
 @dataclass
@@ -565,7 +566,7 @@ def sample_record(ref: SampleRef) -> dict[str, Any]:
 
 
 def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int], *, region_digest: str = "",
-                      groups: Mapping[str, str] | None = None):
+                      groups: Mapping[str, str] | None = None, anatomy: str | None = None):
     """Assemble the ``ShardSample`` of ``ref`` from its cache entries (ingest, scan region,
     mask, pyramid); the record gets the region's facts, the sample's origin and its group."""
     from pipeline.fingerprint import region_fingerprint
@@ -596,6 +597,8 @@ def load_shard_sample(ref: SampleRef, cache: StageCache, scales: Sequence[int], 
         record["fingerprints"]["region"] = region_fp
         record["scan_region"] = dict(region_meta.get("info", {}))
     record["masks"] = mask_set.records()
+    if anatomy is not None:  # precompute-masks --anatomy (pipeline/anatomy.py)
+        record["anatomy"] = anatomy
     return ShardSample(key=ref.key, image=image, mask_set=mask_set, mask_pyramid=pyramid, record=record, scan_region=region)
 
 
@@ -606,10 +609,19 @@ def write_shard_task(task: ShardTask) -> ShardResult:
     start = time.perf_counter()
     cache = StageCache(task.cache_root)
     groups = dict(task.groups)
+    categories = [None] * len(task.members)
+    if task.anatomy is not None:
+        from pipeline.anatomy import AnatomyResolver
+
+        categories = AnatomyResolver(task.anatomy).categories(task.members, cache)
     info = write_shard(Path(task.out_dir) / task.name,
-                       (load_shard_sample(ref, cache, task.scales, region_digest=task.region_digest, groups=groups) for ref in task.members))
+                       (load_shard_sample(ref, cache, task.scales, region_digest=task.region_digest, groups=groups, anatomy=anatomy)
+                        for ref, anatomy in zip(task.members, categories)))
     _fault_point("shard")
-    cache.put("pack", task.shard_fp, shard_info_to_dict(info), {})
+    sidecar = shard_info_to_dict(info)
+    if task.anatomy is not None:
+        sidecar["anatomy"] = categories  # read back for the index column (pipeline.anatomy)
+    cache.put("pack", task.shard_fp, sidecar, {})
     # The driver needs name, sha256 and size; the per-sample entries are read back from the pack
     # cache when the index is written (sending them would cost the driver memory per sample).
     light = type(info)(name=info.name, sha256=info.sha256, size=info.size, samples=[])

@@ -16,10 +16,11 @@ array                     dtype      meaning
 ``source_hash``           string     sha256 of the source file (from the record)
 ``group``                 string     the record's group id (patient, study, clip, groups.csv
                                      entry; ``docs/shard-format.md``); absent in older stores
+``anatomy``               int16      optional (``precompute-masks --anatomy``): category code
 ========================  =========  ===========================================================
 
 Attributes: ``format_version``, ``scales``, ``shards`` (file names), ``shard_sha256``,
-``fingerprints`` (stage -> hex), ``sample_count``, ``index_id``.
+``fingerprints`` (stage -> hex), ``sample_count``, ``index_id`` (+ ``anatomy_categories``).
 
 ``manifest.json``: ``format_version``, ``index_id``, ``created``, ``scales``,
 ``fingerprints``, ``sample_count`` and ``shards`` [{name, sha256, size, samples}].
@@ -134,7 +135,8 @@ def _check_final(out_dir: Path, info: ShardInfo) -> None:
 
 _COLUMNS = ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash", "group")
 _TEXT_COLUMNS = ("key", "source_hash", "group")
-_COLUMN_DTYPES = {"shard": np.int32, "offset": np.int64, "size": np.int64, "mask_count": np.int32, "mask_areas": np.int64, "mask_areas_start": np.int64}
+_COLUMN_DTYPES = {"shard": np.int32, "offset": np.int64, "size": np.int64, "mask_count": np.int32, "mask_areas": np.int64, "mask_areas_start": np.int64,
+                 "anatomy": np.int16}  # anatomy: optional (precompute-masks --anatomy)
 
 
 def _shard_pieces(number: int, table: SampleEntryTable, area_base: int) -> dict[str, np.ndarray]:
@@ -198,6 +200,7 @@ def write_index(
     *,
     scales: Sequence[int] = DEFAULT_SCALES,
     fingerprints: Mapping[str, str] | None = None,
+    anatomy: tuple[Sequence[str], np.ndarray] | None = None,
 ) -> str:
     """Write ``index.zarr`` and ``manifest.json`` for ``shard_infos`` (in that order); return the index id.
 
@@ -208,6 +211,10 @@ def write_index(
     over the shards (id, sizes and key order; then every column, one chunk at a time), so only
     one shard's entries and one chunk per column are in memory at once. Keys that arrive in
     strictly increasing order are unique by construction; otherwise one sort checks them.
+
+    ``anatomy``: (category vocabulary, int16 code per sample in index order), from
+    ``precompute-masks --anatomy`` (``pipeline.anatomy``): written as the ``anatomy`` column,
+    and the manifest gains ``anatomy`` {``categories``, ``counts``}.
     """
     import zarr
 
@@ -239,6 +246,10 @@ def write_index(
         area_base += int(table.area_starts[-1])
         del table
     writers["mask_areas_start"].add(np.array([area_base], np.int64))
+    if anatomy is not None:
+        anatomy_writer = _ColumnWriter(group, "anatomy", count)
+        anatomy_writer.add(np.asarray(anatomy[1], np.int16))
+        writers["anatomy"] = anatomy_writer
     for writer in writers.values():
         writer.finish()
     del writers
@@ -251,6 +262,7 @@ def write_index(
             "fingerprints": fingerprints,
             "sample_count": count,
             "index_id": index_id,
+            **({"anatomy_categories": list(anatomy[0])} if anatomy is not None else {}),
         }
     )
     for path in sorted(tmp_index.rglob("*")):
@@ -277,6 +289,9 @@ def write_index(
         "sample_count": count,
         "shards": [{"name": i.name, "sha256": i.sha256, "size": i.size, "samples": i.sample_count} for i in shard_infos],
     }
+    if anatomy is not None:
+        counts = np.bincount(np.asarray(anatomy[1], np.int64), minlength=len(anatomy[0]))
+        manifest["anatomy"] = {"categories": list(anatomy[0]), "counts": {n: int(c) for n, c in zip(anatomy[0], counts)}}
     final_manifest = out_dir / MANIFEST_NAME
     tmp_manifest = temporary_name(final_manifest)
     tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -322,6 +337,9 @@ class ShardIndex:
         self.mask_areas = np.asarray(columns["mask_areas"], np.int64)
         self.mask_areas_start = np.asarray(columns["mask_areas_start"], np.int64)
         self.source_hash: list[str] = list(columns["source_hash"])
+        # ``precompute-masks --anatomy``: int16 codes into ``anatomy_categories`` (None without)
+        self.anatomy_categories: list[str] | None = list(attrs["anatomy_categories"]) if "anatomy_categories" in attrs else None
+        self.anatomy = np.asarray(columns["anatomy"], np.int64) if columns.get("anatomy") is not None else None
         self.group: list[str] = list(columns.get("group") or [""] * len(self.keys))
         self._position = {key: i for i, key in enumerate(self.keys)}
 
@@ -405,6 +423,7 @@ def read_index(out_dir: str | os.PathLike) -> ShardIndex:
         columns = {name: group[name][:] for name in ("key", "shard", "offset", "size", "mask_count", "mask_areas", "mask_areas_start", "source_hash")}
         columns["key"] = columns["key"].tolist()
         columns["source_hash"] = columns["source_hash"].tolist()
+        columns["anatomy"] = group["anatomy"][:] if "anatomy_categories" in attrs else None
         if "group" in group:  # stores written before groups have no such column
             columns["group"] = group["group"][:].tolist()
     except Exception as exc:  # zarr raises many types for damaged stores

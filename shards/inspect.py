@@ -58,6 +58,7 @@ def inspect_path(path: str | os.PathLike, *, keep_samples: int = 0) -> tuple[dic
     sample_bytes: list[int] = []
     scales: set[tuple[int, ...]] = set()
     record_fingerprints: Counter[str] = Counter()
+    anatomy: Counter[str] = Counter()  # precompute-masks --anatomy categories (records without one: none)
     kept: list[ShardSample] = []
 
     def on_sample(shard_name: str, sample: ShardSample, raw: RawSample) -> None:
@@ -72,6 +73,8 @@ def inspect_path(path: str | os.PathLike, *, keep_samples: int = 0) -> tuple[dic
         scales.add(tuple(sample.mask_pyramid))
         for stage, value in sorted(sample.record.get("fingerprints", {}).items()):
             record_fingerprints[f"{stage}={value}"] += 1
+        if "anatomy" in sample.record:
+            anatomy[str(sample.record["anatomy"])] += 1
         if len(kept) < keep_samples:
             kept.append(sample)
 
@@ -111,6 +114,7 @@ def inspect_path(path: str | os.PathLike, *, keep_samples: int = 0) -> tuple[dic
         },
         "mask_area_histogram": {"edges": list(AREA_EDGES), "counts": [int(c) for c in counts], "unit": "fraction of image area"},
         "mask_sources": dict(sorted(sources.items())),
+        "anatomy": dict(sorted(anatomy.items())),
         "scales": list(manifest_scales) if manifest_scales is not None else (list(next(iter(scales))) if len(scales) == 1 else sorted(list(s) for s in scales)),
         "fingerprints": fingerprints,
         "record_fingerprints": dict(sorted(record_fingerprints.items())),
@@ -157,6 +161,8 @@ def render_text(summary: dict[str, Any], console=None, *, max_problems: int = 20
     if masks["min"] is not None:
         overview.add_row("masks per sample", f"min {masks['min']}  mean {masks['mean']:.2f}  max {masks['max']}  (total {masks['total']})")
     overview.add_row("mask sources", ", ".join(f"{k} {v}" for k, v in summary["mask_sources"].items()) or "-")
+    if summary.get("anatomy"):
+        overview.add_row("anatomy", ", ".join(f"{k} {v}" for k, v in summary["anatomy"].items()))
     overview.add_row("scales", ", ".join(str(s) for s in summary["scales"]) or "-")
     fingerprints = summary["fingerprints"] or {}
     overview.add_row("stage fingerprints", ", ".join(f"{k}={v}" for k, v in fingerprints.items()) or "(no manifest)")

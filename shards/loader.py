@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shards.shard_stream import ShardStream
+from anaus_core.shard_urls import ShardUrlPolicy
 from shards.source import ShardSource, resolve_shards
 from shards.training_sample import TrainingSample, decode_training_sample, peek_training_shape
 
@@ -52,28 +53,33 @@ class PretrainBatchTransform:
         samples = [self._decoded(raw) for raw in raws]
         return build_batch(self.views, samples, numbers, rng)
 
-    def _decoded(self, raw: Mapping[str, Any]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray | None]:
-        """(image, masks, ids, area grid) of one raw sample, with the default or a custom decode."""
+    def _decoded(self, raw: Mapping[str, Any]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(image, masks, ids, area grid, scan region) of one raw sample, with the default or a custom decode."""
         sample = self.decode(raw) if self.decode is not None else decode_training_sample(raw)
         if isinstance(sample, TrainingSample):
-            return sample.image, sample.mask_layers, sample.mask_ids, sample.area_grid
+            return sample.image, sample.mask_layers, sample.mask_ids, sample.area_grid, sample.scan_region
         mask_set = sample.mask_set  # a ShardSample from a custom decode (e.g. shards.sample.decode_sample)
         pyramid = getattr(sample, "mask_pyramid", None)
         grid = pyramid[max(pyramid)] if pyramid and len(mask_set) else None
-        return sample.image, mask_set.masks, mask_set.ids, None if grid is None else np.asarray(grid, np.uint8)
+        return (sample.image, mask_set.masks, mask_set.ids, None if grid is None else np.asarray(grid, np.uint8),
+                getattr(sample, "scan_region", None))
 
     def _device_batch(self, raws: Sequence[Mapping[str, Any]], shapes: list, numbers: np.ndarray,
                       rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Device-geometry batch with every sample decoded into its slot of the canvas."""
-        from anaus_core.augment.batch import device_batch_layout, fill_device_fields, place_layers_on_canvas, place_on_canvas
+        from anaus_core.augment.batch import (device_batch_layout, fill_device_fields, place_layers_on_canvas,
+                                              place_on_canvas, place_region_on_canvas)
         from anaus_core.augment.collate import alloc_batch
         from anaus_core.augment.draws import draw_batch
+        from shards.sample import REGION_FIELD
 
         config = self.views.config
         height = max(shape[0] for shape in shapes)
         width = max(shape[1] for shape in shapes)
         wide = any(shape[3] != 1 for shape in shapes)
-        out = alloc_batch(device_batch_layout(len(raws), config, height, width, max(shape[2] for shape in shapes), wide))
+        has_region = any(raw.get(REGION_FIELD) is not None for raw in raws)
+        out = alloc_batch(device_batch_layout(len(raws), config, height, width, max(shape[2] for shape in shapes), wide,
+                                              region=has_region))
         images, layers = out["image"].numpy(), out["mask_layers"].numpy()
         decoded = []
         for row, (raw, (h, w, count, _)) in enumerate(zip(raws, shapes)):
@@ -83,11 +89,14 @@ class PretrainBatchTransform:
             in_place = target is not None and sample.mask_layers.layers is target
             place_on_canvas(images[row, 0], sample.image)
             place_layers_on_canvas(layers[row], None if in_place else sample.mask_layers.layers, count, h, w)
+            if has_region:
+                place_region_on_canvas(out["region"].numpy()[row, 0], sample.scan_region, sample.image.shape)
             decoded.append(sample)
         grids = [s.area_grid for s in decoded]
         draws = draw_batch(rng, [s.image.shape for s in decoded], config=config,
                            grids=None if any(g is None for g in grids) else grids,
-                           masks=[s.mask_layers for s in decoded])
+                           masks=[s.mask_layers for s in decoded],
+                           regions=[s.scan_region for s in decoded] if has_region else None)
         fill_device_fields(out, draws, [s.mask_layers.layer_of_mask for s in decoded], [s.mask_ids for s in decoded],
                            numbers, config.size)
         return out
@@ -118,13 +127,16 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
                           rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0,
                           view_config=None, num_mask_samples: int | None = None, shuffle_buffer: int = 0,
                           pin_memory: bool = False, prefetch_factor: int = 2,
-                          decode: Callable[[Mapping[str, bytes]], Any] | None = None) -> PretrainLoader:
+                          decode: Callable[[Mapping[str, bytes]], Any] | None = None,
+                          batch_transform: Callable[[list, np.ndarray, int, int], Any] | None = None) -> PretrainLoader:
     """A loader that yields CONTRACTS.md pre-training batches (dict of CPU tensors) for one rank and epoch.
 
     ``len(loader) == batches_per_epoch - start_batch``, identical on every rank. ``index`` in
     each batch is the canonical sample number (shards in name order, members in tar order; the
     row of the sample in the shard store's index). ``shuffle_buffer=0`` selects the global
     random-access shuffle when the source is a shard directory with its index.
+    ``batch_transform``: a method's own batch transform (e.g. A-ViT's multi-crop), used instead of
+    ``PretrainBatchTransform`` (same call signature; ``view_config``/``decode`` then unused).
     """
     from dataclasses import replace
 
@@ -136,7 +148,7 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
         config = replace(config, num_mask_samples=int(num_mask_samples))
     dataset = ShardStream(shards, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                           num_workers=num_workers, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                          batch_transform=PretrainBatchTransform(config, seed=seed, decode=decode))
+                          batch_transform=batch_transform or PretrainBatchTransform(config, seed=seed, decode=decode))
     return PretrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
 
@@ -152,10 +164,13 @@ class ShardDataSource:
     pin_memory: bool = False
     prefetch_factor: int = 2
     decode: Callable[[Mapping[str, bytes]], Any] | None = field(default=None, repr=False)
+    batch_transform: Any = field(default=None, repr=False)   # a method's own (picklable) batch transform
 
     @classmethod
-    def open(cls, source: str | os.PathLike | Sequence[str], **kwargs: Any) -> "ShardDataSource":
-        return cls(resolve_shards(source), **kwargs)
+    def open(cls, source: str | os.PathLike | Sequence[str], *, policy: ShardUrlPolicy = ShardUrlPolicy(),
+             **kwargs: Any) -> "ShardDataSource":
+        """``policy``: pipe:/remote URLs are refused unless it allows them (anaus_core/shard_urls.py)."""
+        return cls(resolve_shards(source, policy=policy), **kwargs)
 
     @property
     def num_samples(self) -> int:
@@ -165,4 +180,5 @@ class ShardDataSource:
         return build_pretrain_loader(self.source, batch_size=batch_size, num_workers=self.num_workers, rank=rank,
                                      world_size=world_size, seed=self.seed, epoch=epoch, start_batch=skip_batches,
                                      view_config=self.view_config, shuffle_buffer=self.shuffle_buffer,
-                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, decode=self.decode)
+                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor, decode=self.decode,
+                                     batch_transform=self.batch_transform)

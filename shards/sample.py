@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image
 
 from anaus_core.maskset import MaskSet
+from anaus_core.errors import UserInputError
+from anaus_core.image_limits import check_declared_size, png_declared_size
 
 FORMAT_VERSION = 1
 DEFAULT_SCALES: tuple[int, ...] = (7, 14, 28, 56)
@@ -68,6 +70,9 @@ PYRAMID_MAGIC = b"ANPY"
 _MASKS_HEADER = struct.Struct("<4sBBBxIIII")
 # magic, version, codec, number of scales, M
 _PYRAMID_HEADER = struct.Struct("<4sBBHI")
+
+
+MAX_STORED_PNG_PIXELS = 16 * 1024 * 1024  # as pipeline.ingest.MAX_STORED_PIXELS: no stored image is larger
 
 
 class SampleFormatError(ValueError):
@@ -497,7 +502,14 @@ def _decode_png_sub(data: bytes) -> np.ndarray | None:
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 (H, W). The store's own Sub-filtered PNGs take a direct path; any
-    other 8-bit grayscale PNG goes through Pillow."""
+    other 8-bit grayscale PNG goes through Pillow. The declared size is checked first: a
+    crafted small PNG that claims 12000x12000 pixels is refused, not decoded."""
+    declared = png_declared_size(data)
+    if declared is not None:
+        try:
+            check_declared_size(*declared, what="png", max_pixels=MAX_STORED_PNG_PIXELS)
+        except UserInputError as exc:
+            raise SampleFormatError(str(exc)) from None
     try:
         image = _decode_png_sub(data)
     except zlib.error as exc:

@@ -15,12 +15,13 @@ from typing import Sequence
 import numpy as np
 
 from anaus_core.errors import UserInputError
+from anaus_core.shard_urls import ShardUrlPolicy, check_shard_source
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(UserInputError):
     """A shard could not be read, or held a different number of samples than the plan expects."""
 
 
@@ -39,6 +40,12 @@ class ShardSource:
     # the globally shuffled random-access mode. None for brace patterns / URLs without an index.
     offsets: np.ndarray | None = field(default=None, repr=False, compare=False)
     nbytes: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # What the URLs may be besides local files (anaus_core/shard_urls.py): checked on construction,
+    # so no ShardSource, however built, opens a pipe: or remote URL the caller did not allow.
+    policy: ShardUrlPolicy = field(default=ShardUrlPolicy(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_shard_source(list(self.urls), policy=self.policy, origin=self.origin or "shards")
 
     @property
     def num_samples(self) -> int:
@@ -135,13 +142,15 @@ def _read_store_index(directory: Path, names: Sequence[str]) -> tuple[list[int],
     return sizes, offsets_all, nbytes_all
 
 
-def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Sequence[int] | None = None) -> ShardSource:
+def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Sequence[int] | None = None,
+                   policy: ShardUrlPolicy = ShardUrlPolicy()) -> ShardSource:
     """The shard URLs of ``source`` (directory, brace pattern, fsspec URL or list) and their sample counts.
 
     Counts come from ``shard_sizes`` when given, else from the index beside a shard directory,
     else from one header scan of every shard (done once, in the main process).
     """
     origin = str(source) if not isinstance(source, (list, tuple)) else f"{len(source)} shard URLs"
+    check_shard_source(source, policy=policy, origin=origin)  # before anything is expanded or opened
     urls: list[str]
     sizes: list[int] | None = None
     offsets = nbytes = None
@@ -187,4 +196,4 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], *, shard_sizes: Se
             raise UserInputError(f"{origin}: {len(urls)} shards but {len(sizes)} shard sizes given")
     if sizes is None:
         sizes = [count_samples(url) for url in urls]
-    return ShardSource(urls=tuple(urls), sizes=tuple(sizes), origin=origin, offsets=offsets, nbytes=nbytes)
+    return ShardSource(urls=tuple(urls), sizes=tuple(sizes), origin=origin, offsets=offsets, nbytes=nbytes, policy=policy)

@@ -22,6 +22,8 @@ class TrainingSample:
             is the pixels equal to ``i + 1`` in layer ``layer_of_mask[i]``.
         mask_ids: int64 (M,) ids from the record.
         area_grid: uint8 (M, g, g), the finest stored pyramid level (area fraction × 255), or None.
+        scan_region: bool (H, W), the stored ``region.png`` (the pixels holding echo data), or
+            None for a sample written without one (older stores): the whole image counts then.
     """
 
     key: str
@@ -29,6 +31,7 @@ class TrainingSample:
     mask_layers: Any
     mask_ids: np.ndarray
     area_grid: np.ndarray | None
+    scan_region: np.ndarray | None = None
 
 
 def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True, layers_out: np.ndarray | None = None) -> TrainingSample:
@@ -48,7 +51,8 @@ def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True, layer
     import zlib
 
     from anaus_core.augment.views import MaskLayers
-    from shards.sample import STORAGE_KEY, SampleFormatError, decode_image, decode_mask_layers, decode_pyramid
+    from shards.sample import (REGION_FIELD, STORAGE_KEY, SampleFormatError, decode_image, decode_mask_layers,
+                               decode_pyramid, decode_region)
 
     key = str(raw.get("__key__", "?"))
     members = {}
@@ -57,15 +61,22 @@ def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True, layer
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise SampleFormatError(f"{key}: member {name} is missing or already decoded")
         members[name] = value
+    region_bytes = raw.get(REGION_FIELD)
+    if region_bytes is not None and not isinstance(region_bytes, (bytes, bytearray, memoryview)):
+        raise SampleFormatError(f"{key}: member {REGION_FIELD} is already decoded")
     try:
         record = json.loads(members["json"])
         storage = record[STORAGE_KEY]
         ids = np.asarray([entry["id"] for entry in record["masks"]], np.int64)
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise SampleFormatError(f"{key}: json: not a shard-store record ({error})") from None
+    if region_bytes is None and verify and REGION_FIELD in storage.get("crc32", {}):
+        raise SampleFormatError(f"{key}: missing member {key}.{REGION_FIELD} (the record lists it)")
+    if region_bytes is not None:
+        members[REGION_FIELD] = region_bytes
     if verify:
         crcs = storage.get("crc32", {})
-        for name in ("png", "masks.bin", "pyramid.bin"):
+        for name in ("png", "masks.bin", "pyramid.bin") + ((REGION_FIELD,) if region_bytes is not None else ()):
             if crcs.get(name) != zlib.crc32(members[name]):
                 raise SampleFormatError(f"{key}: {name}: crc32 mismatch (member altered)")
     try:
@@ -73,8 +84,11 @@ def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True, layer
         decoded = _decode_layers_into(members["masks.bin"], layers_out) if layers_out is not None else None
         layers, layer_of_mask = decoded if decoded is not None else decode_mask_layers(members["masks.bin"])
         pyramid = decode_pyramid(members["pyramid.bin"])
+        region = decode_region(region_bytes) if region_bytes is not None else None
     except SampleFormatError as error:
         raise SampleFormatError(f"{key}: {error}") from None
+    if region is not None and region.shape != image.shape:
+        raise SampleFormatError(f"{key}: scan region is {region.shape}, image is {image.shape}")
     if layers.shape[1:] != image.shape and len(layer_of_mask):
         raise SampleFormatError(f"{key}: masks are {layers.shape[1:]}, image is {image.shape}")
     if len(ids) != len(layer_of_mask) or (verify and storage.get("mask_count") != len(ids)):
@@ -83,7 +97,7 @@ def decode_training_sample(raw: Mapping[str, Any], *, verify: bool = True, layer
     if area_grid is not None and area_grid.shape[0] != len(ids):
         raise SampleFormatError(f"{key}: pyramid holds {area_grid.shape[0]} masks, the record {len(ids)}")
     return TrainingSample(key=key, image=image, mask_layers=MaskLayers(layers, layer_of_mask),
-                          mask_ids=ids, area_grid=area_grid)
+                          mask_ids=ids, area_grid=area_grid, scan_region=region)
 
 
 def _masks_header(data: bytes | memoryview) -> tuple[int, int, int, int, int, int] | None:

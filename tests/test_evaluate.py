@@ -392,3 +392,13 @@ def test_dicom_patient_groups_and_spacing(tmp_path):
     shifted = np.roll(dataset.items[0].target, 4, axis=1)  # 4 columns = 1 mm at 0.25 mm per column
     scores = score_segmentation(shifted, dataset.items[0].target, class_names=["lesion"], spacing=(0.5, 0.25))
     assert scores["mean"]["hd"] == pytest.approx(4.0) and scores["mean"]["hd_mm"] == pytest.approx(1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_protocols(cls_data, seg_data, tmp_path):
+    config = _config(cls_data, tmp_path / "c", device="cuda", protocols=["linear", "finetune"], **{"finetune.epochs": 1})
+    results = run_evaluation(config, [EncoderSpec("random", None)], reader=READER, write_report=False)
+    assert results["device"].startswith("cuda") and len(results["runs"]) == 2
+    seg = _config(seg_data, tmp_path / "s", device="cuda", task="segmentation", folds=2, protocols=["finetune-full"],
+                  **{"finetune.epochs": 1})
+    assert run_evaluation(seg, [EncoderSpec("random", None)], reader=READER, write_report=False)["runs"][0]["per_image"]["dice"]

@@ -64,9 +64,10 @@ def test_preset_paper_sets_the_papers_schedules(monkeypatch, tmp_path):
 
     monkeypatch.setattr(train_module, "run_adapt", fake_adapt)
     runner = CliRunner()
-    result = runner.invoke(app, ["lpsam", "adapt", "--data", str(tmp_path), "--preset", "paper", "--batch-size", "8"])
+    result = runner.invoke(app, ["lpsam", "adapt", "--data", str(tmp_path), "--preset", "paper", "--batch-size", "8",
+                                 "--random-sam", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     config = seen["adapt"]
     assert (config.epochs, config.batch_size, config.lr, config.weight_decay) == (200, 8, 5e-4, 0.0)  # --batch-size wins
-    result = runner.invoke(app, ["lpsam", "adapt", "--data", str(tmp_path), "--preset", "fast"])
+    result = runner.invoke(app, ["lpsam", "adapt", "--data", str(tmp_path), "--preset", "fast", "--random-sam", "--out", str(tmp_path / "out")])
     assert result.exit_code != 0 and "unknown preset" in result.output

@@ -132,7 +132,8 @@ def test_evaluator_loads_once_bounds_images_and_restores_modes(eval_folder):
 
 def test_pretrain_logs_online_evaluation_at_eval_steps(eval_folder, tmp_path):
     from shards.synthetic import write_synthetic_store
-    from cli import online_evaluator, shard_data_source
+    from anaus_cli.pretrain import online_evaluator
+    from cli import shard_data_source
     from tests.test_pretrain import TINY
 
     shards = write_synthetic_store(tmp_path / "shards", count=8, samples_per_shard=4, height=48, width=48)

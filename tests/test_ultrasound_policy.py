@@ -123,3 +123,14 @@ def test_policy_is_a_validated_config_field():
     bad = load_config(PretrainConfig, overrides={"augment.ultrasound.gamma_min": "0"})
     with pytest.raises(ConfigError, match="gamma_min"):
         validate_config(bad)
+
+
+def test_static_blur_selection_equals_the_subset_path():
+    """``static=True`` (accelerators: no ``torch.nonzero`` host sync) gives the CPU subset path's result."""
+    images, _, _ = cyst_images(8, seed=4)
+    config = ultrasound.UltrasoundIntensityConfig(blur_p=0.5)
+    params = ultrasound.sample_params(8, 48, config, generator=torch.Generator().manual_seed(3), device="cpu")
+    assert 0 < int(params.blur.sum()) < 8            # both branches exercised
+    dynamic = ultrasound.apply_params(images, params, config, static=False)
+    static = ultrasound.apply_params(images, params, config, static=True)
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-6)

@@ -28,9 +28,12 @@ from anaus_core.augment.draws import BatchDraws, draw_batch
 from anaus_core.augment.views import MaskLayers, PairedViews, ViewConfig
 
 
-def worker_batch_layout(batch: int, config: ViewConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def worker_batch_layout(batch: int, config: ViewConfig, region: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Fields of a worker-geometry batch; ``region``: with ``core_region`` (some sample of the
+    batch has a scan region)."""
     size, num = config.size, config.num_mask_samples
-    return {
+    extra = {"core_region": ((batch, 1, size, size // 8), torch.uint8)} if region else {}
+    return extra | {
         "view1": ((batch, 1, size, size), torch.uint8), "view2": ((batch, 1, size, size), torch.uint8),
         "masks1": ((batch, num, size, size // 8), torch.uint8), "masks2": ((batch, num, size, size // 8), torch.uint8),
         "mask_ids": ((batch, num), torch.int64),
@@ -43,11 +46,18 @@ def worker_batch_layout(batch: int, config: ViewConfig) -> dict[str, tuple[tuple
 
 
 def device_batch_layout(batch: int, config: ViewConfig, height: int, width: int, layers: int,
-                        wide: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                        wide: bool = False, region: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Fields of a device-geometry batch on a (height, width) canvas with ``layers`` label layers
-    (int32 when a sample has 16-bit labels: torch's uint16 support is partial)."""
+    (int32 when a sample has 16-bit labels: torch's uint16 support is partial); ``region``: with
+    the scan-region canvas ``region`` (uint8 {0, 1}; all ones for a sample without a region)."""
     num = config.num_mask_samples
-    return {
+    extra = {"region": ((batch, 1, height, width), torch.uint8)} if region else {}
+    if getattr(config, "sector_angle_p", 0.0) > 0 or getattr(config, "convexity_p", 0.0) > 0:
+        # per view: the sector-angle and convexity factors (1 = none); per sample: the fan apex
+        # (row, column, face radius)
+        extra |= {"sector": ((batch, 2), torch.float32), "convexity": ((batch, 2), torch.float32),
+                  "apex": ((batch, 3), torch.float32)}
+    return extra | {
         "image": ((batch, 1, height, width), torch.uint8),
         "mask_layers": ((batch, max(1, layers), height, width), torch.int32 if wide else torch.uint8),
         "mask_layer": ((batch, num), torch.int64), "mask_value": ((batch, num), torch.int64),
@@ -95,39 +105,54 @@ def fill_device_fields(out: Mapping[str, torch.Tensor], draws: BatchDraws, layer
     out["mask_value"].numpy()[:] = chosen + 1
     out["core_box"].numpy()[:] = draws.core
     out["view_size"].numpy()[:] = size
+    if "sector" in out:
+        out["sector"].numpy()[:] = draws.sector
+        out["convexity"].numpy()[:] = draws.convexity
+        out["apex"].numpy()[:] = np.nan_to_num(draws.apex)
 
 
-def build_batch(views: PairedViews, samples: Sequence[tuple[np.ndarray, np.ndarray | MaskLayers, np.ndarray, np.ndarray | None]],
-                indices: Sequence[int], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def build_batch(views: PairedViews, samples: Sequence[tuple], indices: Sequence[int],
+                rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """The collated batch of ``samples`` — each ``(image (H, W) uint8, masks (bool (M, H, W) or
-    MaskLayers), ids (M,), area grid (M, g, g) or None)`` — with every draw from ``rng``.
+    MaskLayers), ids (M,), area grid (M, g, g) or None[, scan region bool (H, W) or None])`` —
+    with every draw from ``rng``. When some sample has a scan region the batch carries
+    ``core_region`` (device geometry: ``region``), all ones for the samples without.
 
     For callers that hold decoded samples; ``shards.stream`` does the same with the decode
     writing into the batch itself.
     """
     config = views.config
-    checked = [views._checked(image, masks, ids) + (grid,) for image, masks, ids, grid in samples]
+    checked, regions = [], []
+    for sample in samples:
+        image, masks, ids, grid = sample[:4]
+        checked.append(views._checked(image, masks, ids) + (grid,))
+        regions.append(views._checked_region(sample[4] if len(sample) > 4 else None, checked[-1][0].shape))
+    has_region = any(region is not None for region in regions)
     shapes = [image.shape for image, _, _, _ in checked]
     grids = [None if grid is None else np.asarray(grid) for _, _, _, grid in checked]
-    draws = draw_batch(rng, shapes, config=config, grids=grids, masks=[m for _, m, _, _ in checked])
+    draws = draw_batch(rng, shapes, config=config, grids=grids, masks=[m for _, m, _, _ in checked],
+                       regions=regions if has_region else None)
     batch = len(checked)
     ids = [i for _, _, i, _ in checked]
     if config.geometry != "device":
-        out = alloc_batch(worker_batch_layout(batch, config))
+        out = alloc_batch(worker_batch_layout(batch, config, region=has_region))
         arrays = {name: value.numpy() for name, value in out.items()}
         for row, (image, masks, sample_ids, _) in enumerate(checked):
-            views.render(image, masks, sample_ids, draws, row, out=arrays)
+            views.render(image, masks, sample_ids, draws, row, out=arrays, region=regions[row])
         out["index"].numpy()[:] = np.asarray(indices, np.int64)
         return out
     layer_sets = [m if isinstance(m, MaskLayers) else as_mask_layers(m) for _, m, _, _ in checked]
     height = max(s[0] for s in shapes)
     width = max(s[1] for s in shapes)
     wide = any(m.layers.dtype != np.uint8 for m in layer_sets)
-    out = alloc_batch(device_batch_layout(batch, config, height, width, max(len(m.layers) for m in layer_sets), wide))
+    out = alloc_batch(device_batch_layout(batch, config, height, width, max(len(m.layers) for m in layer_sets), wide,
+                                          region=has_region))
     images, layers = out["image"].numpy(), out["mask_layers"].numpy()
     for row, ((image, _, _, _), masks) in enumerate(zip(checked, layer_sets)):
         place_on_canvas(images[row, 0], image)
         place_layers_on_canvas(layers[row], masks.layers)
+        if has_region:
+            place_region_on_canvas(out["region"].numpy()[row, 0], regions[row], image.shape)
     fill_device_fields(out, draws, [m.layer_of_mask for m in layer_sets], ids, indices, config.size)
     return out
 
@@ -151,6 +176,17 @@ def place_on_canvas(canvas: np.ndarray, image: np.ndarray | None, height: int | 
         canvas[..., :height, :width] = image
     canvas[..., height:, :] = 0
     canvas[..., :height, width:] = 0
+
+
+def place_region_on_canvas(canvas: np.ndarray, region: np.ndarray | None, shape: tuple[int, int]) -> None:
+    """A sample's scan region (bool (H, W)) as {0, 1} in the top-left of ``canvas``; a sample
+    without one gets ones over its image (all of it counts), zeros in the padding."""
+    height, width = shape
+    if region is None:
+        canvas[:height, :width] = 1
+    else:
+        canvas[:height, :width] = region
+    place_on_canvas(canvas, None, height, width)
 
 
 def place_layers_on_canvas(canvas: np.ndarray, layers: np.ndarray | None, count: int | None = None,

@@ -26,12 +26,16 @@ BATCH_FIELDS: dict[str, torch.dtype] = {
     "flip1": torch.bool,
     "flip2": torch.bool,
     "index": torch.int64,
+    "core_region": torch.uint8,
     # device-geometry batches (ViewConfig(geometry="device"); "image" and "mask_layers" are padded below)
     "mask_layer": torch.int64,
     "mask_value": torch.int64,
     "core_box": torch.float32,
     "canvas_origin": torch.int64,
     "view_size": torch.int64,
+    "sector": torch.float32,
+    "convexity": torch.float32,
+    "apex": torch.float32,
 }
 
 
@@ -78,6 +82,11 @@ def collate_views(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torc
     if not samples:
         raise ValueError("cannot collate an empty batch")
     batch = {}
+    with_region = [s for s in samples if "core_region" in s]
+    if with_region and len(with_region) < len(samples):
+        # a sample without a scan region counts whole: an all-ones core region (zeros without a core)
+        ones = np.full_like(np.asarray(with_region[0]["core_region"]), 255)
+        samples = [s if "core_region" in s else {**s, "core_region": ones * bool(s["core_valid"])} for s in samples]
     for name, dtype in BATCH_FIELDS.items():
         if name not in samples[0]:
             continue
@@ -117,4 +126,14 @@ def _collate_canvas(samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, to
         layers[index, layer.shape[0]:] = 0
         layers[index, :, h:, :] = 0
         layers[index, :, :h, w:] = 0
-    return {"image": images_t, "mask_layers": layers_t}
+    out = {"image": images_t, "mask_layers": layers_t}
+    if any("region" in s for s in samples):
+        # samples without a scan region count whole (ones over their image)
+        region_t = _empty((len(samples), 1, height, width), torch.uint8)
+        regions = region_t.numpy()
+        for index, sample in enumerate(samples):
+            h, w = np.asarray(sample["image"]).shape[-2:]
+            regions[index] = 0
+            regions[index, :, :h, :w] = np.asarray(sample["region"]) if "region" in sample else 1
+        out["region"] = region_t
+    return out

@@ -108,7 +108,8 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], *, device: torch.device | s
 
     Returns ``view1, view2`` float (B, 3, S, S) after the batched BYOL photometric ops and
     normalisation; ``masks1, masks2`` float (B, K, S, S) in {0, 1}; ``core`` float (B, 3, S, S)
-    normalised (intact); ``mask_ids``, ``mask_valid1/2``, ``core_valid`` (and ``crop1/2``,
+    normalised (intact); ``core_region`` float (B, 1, S, S) in {0, 1} when the batch has scan
+    regions (the region cut like the core); ``mask_ids``, ``mask_valid1/2``, ``core_valid`` (and ``crop1/2``,
     ``flip1/2``, ``index`` when present) moved to the device. ``generator`` must live on
     ``device``; it alone decides the photometric draws.
 
@@ -133,11 +134,15 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], *, device: torch.device | s
             out[name] = geometry[name].float()
         for name in ("mask_valid1", "mask_valid2"):
             moved[name] = geometry[name]
+        if "core_region" in geometry:
+            out["core_region"] = geometry["core_region"].float()
     else:
         size = moved["view1"].shape[-1]
         views = {name: moved[name].float().div_(255.0) for name in ("view1", "view2", "core")}
         for name in ("masks1", "masks2"):
             out[name] = unpack_masks(moved[name], size).float()
+        if "core_region" in moved:
+            out["core_region"] = unpack_masks(moved["core_region"], size).float()
     for name, view_config in (("view1", config.view1), ("view2", config.view2)):
         images = views[name]
         if config.photometric and config.policy == "ultrasound":

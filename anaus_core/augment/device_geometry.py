@@ -142,7 +142,8 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
 
     Returns ``view1, view2, core`` float (B, 1, S, S) in [0, 1] (multiples of 1/255, as the
     worker path's uint8 views divided by 255), ``masks1, masks2`` uint8 (B, K, S, S) and
-    ``mask_valid1/2`` bool (B, K). ``method``: see ``resized_crop_batch``.
+    ``mask_valid1/2`` bool (B, K); with a ``region`` canvas also ``core_region`` uint8 (B, 1, S, S)
+    in {0, 1} (zeros for an invalid core). ``method``: see ``resized_crop_batch``.
     """
     image = batch["image"]
     layers = batch["mask_layers"]
@@ -155,14 +156,43 @@ def apply_device_geometry(batch: Mapping[str, torch.Tensor], size: int, *, metho
         origin[:, :2] = batch["canvas_origin"].to(device=image.device, dtype=torch.float32)
     for which in (1, 2):
         boxes, flips = batch[f"crop{which}"].to(image.device) - origin, batch[f"flip{which}"]
-        out[f"view{which}"] = resized_crop_batch(image, boxes, size, flips, method=method).div_(255.0)
-        masks = select_masks(warp_layers_batch(layers, boxes, flips, size), batch["mask_layer"], batch["mask_value"])
+        view_image, view_layers = image, layers
+        if "sector" in batch:
+            apex = batch["apex"].to(device=image.device, dtype=torch.float32).clone()
+            apex[:, :2] -= origin[:, :2]
+            view_image, view_layers = _sector_warped(image, layers, batch["sector"][:, which - 1],
+                                                     batch["convexity"][:, which - 1], apex)
+        out[f"view{which}"] = resized_crop_batch(view_image, boxes, size, flips, method=method).div_(255.0)
+        masks = select_masks(warp_layers_batch(view_layers, boxes, flips, size), batch["mask_layer"], batch["mask_value"])
         out[f"masks{which}"] = masks
-        out[f"mask_valid{which}"] = masks.flatten(2).any(dim=-1)
+        out[f"mask_valid{which}"] = masks.flatten(2).any(dim=-1).to(torch.bool)  # any() of uint8 is uint8
     valid = batch["core_valid"].to(torch.bool)
     # an invalid core has no box; resample a 1-pixel stand-in and zero it, as the worker path does
     stand_in = torch.tensor([0.0, 0.0, 1.0, 1.0], device=image.device)
     core_boxes = torch.where(valid[:, None], batch["core_box"].to(image.device) - origin, stand_in)
     core = resized_crop_batch(image, core_boxes, size, method=method)
     out["core"] = core.mul_(valid[:, None, None, None].to(core.dtype)).div_(255.0)
+    if "region" in batch:
+        # the scan region cut exactly like the core, with the masks' nearest-exact rule (never flipped)
+        no_flip = torch.zeros_like(valid)
+        region = warp_layers_batch(batch["region"], core_boxes, no_flip, size)
+        out["core_region"] = region.to(torch.uint8) * valid[:, None, None, None].to(torch.uint8)
     return out
+
+
+def _sector_warped(image: torch.Tensor, layers: torch.Tensor, factor: torch.Tensor, convexity: torch.Tensor,
+                   apex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view's sector-angle / convexity change (``probe_geometry``) of the whole canvas: the
+    image bilinearly (rounded, as the worker path's uint8 warp), the label layers nearest-exact.
+    Computed for every sample and selected per sample (no data-dependent shapes or syncs);
+    factors 1 keep a sample as it is."""
+    from anaus_core.augment.probe_geometry import source_points, warp_images, warp_labels
+
+    height, width = image.shape[-2:]
+    factor, convexity = factor.to(image.device), convexity.to(image.device)
+    warp = ((factor != 1.0) | (convexity != 1.0))[:, None, None, None]
+    rows, cols = source_points(height, width, apex, factor, convexity)
+    warped = warp_images(image.to(torch.float32), rows, cols).round_().clamp_(0, 255)
+    warped_layers = warp_labels(layers, rows, cols)
+    return (torch.where(warp, warped, image.to(torch.float32)),
+            torch.where(warp, warped_layers, layers))

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from anaus_core.augment.geometry import CropBox, box_area_exact
+from anaus_core.augment.probe_geometry import depth_rows, estimate_fan_apex, face_radius, kept_rows
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class BatchDraws:
             (the image has no mask present in both views, or in either with ``"either"``).
         core: int64 (B, 4) the overlap of both crops (zeros where ``core_valid`` is False).
         core_valid: bool (B,).
+        depth: float64 (B, 2) fraction of the depth range each view keeps (1 = no depth crop;
+            the crops already lie inside the kept rows).
+        sector: float64 (B, 2) sector-angle factor of each view (1 = unchanged).
+        convexity: float64 (B, 2) probe-face radius factor of each view (1 = unchanged).
+        apex: float64 (B, 3) (row, column, face radius) of each sample's fan apex; NaN where
+            none was found.
     """
 
     crops: np.ndarray
@@ -43,6 +50,20 @@ class BatchDraws:
     chosen: np.ndarray
     core: np.ndarray
     core_valid: np.ndarray
+    depth: np.ndarray | None = None
+    sector: np.ndarray | None = None
+    apex: np.ndarray | None = None
+    convexity: np.ndarray | None = None
+
+    def sector_warp(self, sample: int, view: int) -> tuple[tuple[float, float, float], float, float] | None:
+        """(apex (row, column, face radius), angle factor, convexity factor) of a view's
+        sector change, or None when it has none."""
+        if self.sector is None or not np.isfinite(self.apex[sample]).all():
+            return None
+        factor, convexity = float(self.sector[sample, view]), float(self.convexity[sample, view])
+        if factor == 1.0 and convexity == 1.0:
+            return None
+        return tuple(float(v) for v in self.apex[sample]), factor, convexity
 
     def box(self, sample: int, view: int) -> CropBox:
         top, left, height, width = (int(v) for v in self.crops[sample, view])
@@ -179,7 +200,7 @@ def sample_mask_slots(weights: np.ndarray, num_samples: int, rng: np.random.Gene
 
 
 def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, config, grids: Sequence[np.ndarray | None] | None = None,
-               masks: Sequence | None = None) -> BatchDraws:
+               masks: Sequence | None = None, regions: Sequence[np.ndarray | None] | None = None) -> BatchDraws:
     """All random draws of B samples' paired views.
 
     Args:
@@ -189,11 +210,53 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
         grids: per sample, the area-fraction grid of its masks (``sampling_area="grid"``), or None.
         masks: per sample, its masks (bool (M, H, W) or ``MaskLayers``) — used for exact areas
             when ``sampling_area="exact"`` or when a sample has no grid; also gives M.
+        regions: per sample, its scan region (bool (H, W)) or None (the whole image). A core
+            box with less than ``config.core_min_region`` of its pixels inside the region is
+            invalid (``core_valid`` False): L_ctx would regress mostly black frame. Draws no
+            random numbers, so the stream of draws does not depend on it.
     """
     batch = len(shapes)
     heights = np.repeat(np.array([s[0] for s in shapes], np.int64), 2)
     widths = np.repeat(np.array([s[1] for s in shapes], np.int64), 2)
-    crops = sample_resized_crops(rng, heights, widths, scale=(config.scale_min, config.scale_max),
+    # probe-geometry changes (probe_geometry; off by default: no draws then, the stream of the
+    # other draws is unchanged)
+    depth = sector = apex = None
+    crop_heights = heights
+    if getattr(config, "depth_crop_p", 0.0) > 0:
+        drawn = rng.random((batch, 2)) < config.depth_crop_p
+        depth = np.where(drawn, rng.uniform(config.depth_crop_min, 1.0, (batch, 2)), 1.0)
+        crop_heights = heights.copy()
+        for b in range(batch):
+            first, stop = depth_rows(None if regions is None else regions[b], shapes[b][0])
+            for view in range(2):
+                if depth[b, view] < 1.0:
+                    crop_heights[2 * b + view] = kept_rows(first, stop, depth[b, view])
+    convexity = None
+    if getattr(config, "sector_angle_p", 0.0) > 0 or getattr(config, "convexity_p", 0.0) > 0:
+        sector, convexity = np.ones((batch, 2)), np.ones((batch, 2))
+        if config.sector_angle_p > 0:
+            low, high = config.sector_angle_range
+            drawn = rng.random((batch, 2)) < config.sector_angle_p
+            sector = np.where(drawn, rng.uniform(low, high, (batch, 2)), 1.0)
+        if config.convexity_p > 0:
+            low, high = np.log(config.convexity_range)
+            drawn = rng.random((batch, 2)) < config.convexity_p
+            convexity = np.where(drawn, np.exp(rng.uniform(low, high, (batch, 2))), 1.0)
+        apex = np.full((batch, 3), np.nan)
+        for b in range(batch):
+            if (sector[b] != 1.0).any() or (convexity[b] != 1.0).any():
+                found = None if regions is None or regions[b] is None else estimate_fan_apex(regions[b])
+                if found is not None:
+                    apex[b] = found + (face_radius(regions[b], found),)
+        found = np.isfinite(apex).all(axis=1)
+        sector = np.where(found[:, None], sector, 1.0)
+        # a convexity change needs a curved face (a curvilinear probe): a phased array's apex
+        # sits on its face, and a face of a few pixels would be a large warp of the near field
+        curved = found & (np.nan_to_num(apex[:, 2]) >= 0.05 * np.array([s[0] for s in shapes]))
+        convexity = np.where(curved[:, None], convexity, 1.0)
+        # float32 values: the device path receives them as float32 and must warp identically
+        sector, convexity, apex = (a.astype(np.float32).astype(np.float64) for a in (sector, convexity, apex))
+    crops = sample_resized_crops(rng, crop_heights, widths, scale=(config.scale_min, config.scale_max),
                                  ratio=(config.ratio_min, config.ratio_max)).reshape(batch, 2, 4)
     flips = rng.random((batch, 2)) < config.flip_p
 
@@ -231,5 +294,21 @@ def draw_batch(rng: np.random.Generator, shapes: Sequence[tuple[int, int]], *, c
     bottom = np.minimum(crops[:, 0, 0] + crops[:, 0, 2], crops[:, 1, 0] + crops[:, 1, 2])
     right = np.minimum(crops[:, 0, 1] + crops[:, 0, 3], crops[:, 1, 1] + crops[:, 1, 3])
     core_valid = np.minimum(bottom - top, right - left) >= max(1, config.core_min_side)
+    if regions is not None:
+        core_valid &= core_region_coverage(regions, top, left, bottom, right) >= getattr(config, "core_min_region", 0.0)
     core = np.where(core_valid[:, None], np.stack([top, left, bottom - top, right - left], axis=1), 0).astype(np.int64)
-    return BatchDraws(crops=crops, flips=flips, chosen=chosen, core=core, core_valid=core_valid)
+    return BatchDraws(crops=crops, flips=flips, chosen=chosen, core=core, core_valid=core_valid,
+                      depth=depth, sector=sector, apex=apex, convexity=convexity)
+
+
+def core_region_coverage(regions: Sequence[np.ndarray | None], top: np.ndarray, left: np.ndarray, bottom: np.ndarray,
+                         right: np.ndarray) -> np.ndarray:
+    """float64 (B,): fraction of each box's stored pixels inside its sample's scan region (1 for
+    a sample without a region, 0 for an empty box)."""
+    coverage = np.ones(len(regions), np.float64)
+    for index, region in enumerate(regions):
+        if region is None:
+            continue
+        cut = np.asarray(region, bool)[max(0, top[index]):max(0, bottom[index]), max(0, left[index]):max(0, right[index])]
+        coverage[index] = cut.mean() if cut.size else 0.0
+    return coverage

@@ -99,14 +99,24 @@ def sample_params(batch_size: int, height: int, config: UltrasoundIntensityConfi
     return UltrasoundParams(row_gain=row_gain, gamma=gamma, blur=draws[5] < config.blur_p, sigma=sigma)
 
 
-def apply_params(images: torch.Tensor, params: UltrasoundParams, config: UltrasoundIntensityConfig) -> torch.Tensor:
+def apply_params(images: torch.Tensor, params: UltrasoundParams, config: UltrasoundIntensityConfig,
+                 static: bool | None = None) -> torch.Tensor:
     """Apply the sampled changes to float (B, 1, H, W) images in [0, 1]; returns a new tensor.
 
     Order: log-compression change, then gain × TGC (the console applies gain to the compressed
     image it shows), clamped to [0, 1], then the sub-speckle blur.
+
+    ``static``: blur the whole batch and select per image with ``torch.where`` (no host-device
+    sync from ``torch.nonzero``, shapes independent of the draws; same result); None = on
+    accelerators only, as ``photometric.apply_params``. On the CPU blurring only the drawn
+    subset is cheaper.
     """
     out = images.clamp(0.0, 1.0).pow(params.gamma.view(-1, 1, 1, 1).to(images.dtype))
     out = (out * params.row_gain[:, None, :, None].to(images.dtype)).clamp_(0.0, 1.0)
+    static = images.device.type != "cpu" if static is None else static
+    if static:
+        blurred = gaussian_blur(out, params.sigma, config.blur_kernel)
+        return torch.where(params.blur.view(-1, 1, 1, 1), blurred, out)
     blur_index = torch.nonzero(params.blur, as_tuple=False).flatten()
     if blur_index.numel():
         out[blur_index] = gaussian_blur(out[blur_index], params.sigma[blur_index], config.blur_kernel)

@@ -3,7 +3,9 @@
 Runs on the CPU (DataLoader workers); the random draws are made for a whole batch at once
 (``anaus_core.augment.draws``; ``PairedViews.__call__`` is the batch of one, the loader uses
 ``anaus_core.augment.batch``) and the warps per sample. Only geometry happens here — random resized crop
-(scale 0.2–1.0, ratio 3/4–4/3, BYOL/paper A.1) and horizontal flip; the photometric part of the
+(scale 0.2–1.0, ratio 3/4–4/3, BYOL/paper A.1) and horizontal flip, plus the optional
+probe-geometry changes (depth crop, sector angle, convexity: ``anaus_core.augment.probe_geometry``,
+off by default); the photometric part of the
 BYOL recipe is batched on the training device (``anaus_core.augment.device``), where it is
 ~20–50× cheaper than torchvision's per-image CPU ops (SPEC §9).
 
@@ -17,6 +19,10 @@ Per sample this produces the CONTRACTS.md "pre-training batch" fields (numpy, un
     core_valid          bool  ()
     crop1, crop2        float32 (4,)           (top, left, height, width), original pixels
     flip1, flip2        bool  ()
+    core_region         uint8 (1, S, S // 8)   only for a sample with a scan region: the region
+                                               cut exactly like the core (nearest-exact, as the
+                                               masks), bit-packed like them; L_ctx weights each
+                                               cell by its region coverage
 
 Only the K sampled masks (at most K distinct ones) are warped and packed, never the whole set.
 Masks may come as boolean planes or as the shard store's label layers (``MaskLayers``: the
@@ -36,6 +42,10 @@ un-augmented image and the label layers of the sampled masks instead of the warp
     mask_layer          int64 (K,)              layer of each slot
     mask_value          int64 (K,)              label of each slot in that layer, 0 = empty slot
     core_box            float32 (4,)            the overlap box (zeros when core_valid is False)
+    region              uint8 (1, h, w)         only with a scan region: the region, same cut
+    sector, convexity   float32 (2,)            only with sector_angle_p or convexity_p > 0: each
+                                                view's factors (1 = none; probe_geometry)
+    apex                float32 (3,)            with them: fan apex (row, column, face radius)
     view_size           int64 ()                S
     mask_ids, core_valid, crop1, crop2, flip1, flip2   as above
 """
@@ -47,6 +57,7 @@ from dataclasses import replace, dataclass
 import numpy as np
 
 from anaus_core.augment.draws import BatchDraws, draw_batch
+from anaus_core.augment.probe_geometry import sector_warp_numpy
 from anaus_core.augment.geometry import (
     CropBox,
     resize_region,
@@ -88,6 +99,24 @@ class ViewConfig:
     # ``min_view_area`` view pixels (area inside the crop x S^2 / crop area).
     mask_presence: str = "both"
     min_view_area: float = 1.0
+    # A core box with less than this fraction of its stored pixels inside the sample's scan
+    # region is no core (core_valid=False); cells outside the region never count in L_ctx anyway.
+    core_min_region: float = 0.25
+    # Probe-geometry changes (anaus_core.augment.probe_geometry; the ``ultrasound`` policy's
+    # geometric half, off by default). Depth crop: with probability depth_crop_p a view keeps
+    # only the top U(depth_crop_min, 1) of the scan's depth range before its resized crop.
+    # Sector angle: with probability sector_angle_p a sector image's fan angle is scaled by
+    # U(sector_angle_range) about its apex (needs the scan region; linear images are left alone).
+    depth_crop_p: float = 0.0
+    depth_crop_min: float = 0.6
+    sector_angle_p: float = 0.0
+    sector_angle_range: tuple[float, float] = (0.8, 1.25)
+    # Convexity: with probability convexity_p a curvilinear image's probe-face radius is scaled
+    # by a log-uniform factor in convexity_range (> 1 flatter, < 1 more curved), depth and
+    # position along the face kept (needs the scan region; phased arrays and linear images are
+    # left alone).
+    convexity_p: float = 0.0
+    convexity_range: tuple[float, float] = (0.67, 1.5)
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.size % 8:
@@ -104,6 +133,19 @@ class ViewConfig:
             raise ValueError(f"sampling_area must be 'grid' or 'exact', got {self.sampling_area!r}")
         if self.mask_presence not in ("both", "either"):
             raise ValueError(f"mask_presence must be 'both' or 'either', got {self.mask_presence!r}")
+        self.convexity_range = tuple(float(v) for v in self.convexity_range)
+        if len(self.convexity_range) != 2 or not 0.25 <= self.convexity_range[0] <= self.convexity_range[1] <= 4:
+            raise ValueError(f"convexity_range must be (low, high) with 0.25 <= low <= high <= 4, got {self.convexity_range}")
+        for name in ("depth_crop_p", "sector_angle_p", "convexity_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.depth_crop_min <= 1:
+            raise ValueError(f"depth_crop_min must be in (0, 1], got {self.depth_crop_min}")
+        self.sector_angle_range = tuple(float(v) for v in self.sector_angle_range)
+        if len(self.sector_angle_range) != 2 or not 0.25 <= self.sector_angle_range[0] <= self.sector_angle_range[1] <= 4:
+            raise ValueError(f"sector_angle_range must be (low, high) with 0.25 <= low <= high <= 4, got {self.sector_angle_range}")
+        if not 0 <= self.core_min_region <= 1:
+            raise ValueError(f"core_min_region must be in [0, 1], got {self.core_min_region}")
         if self.min_view_area < 0:
             raise ValueError(f"min_view_area must be >= 0, got {self.min_view_area}")
         if self.geometry not in ("auto", "worker", "device"):
@@ -180,12 +222,23 @@ class PairedViews:
         return box, flip
 
     def __call__(self, image: np.ndarray, masks: np.ndarray | MaskLayers, ids: np.ndarray, *, rng: np.random.Generator,
-                 area_grid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 area_grid: np.ndarray | None = None, region: np.ndarray | None = None) -> dict[str, np.ndarray]:
         image, masks, ids = self._checked(image, masks, ids)
+        region = self._checked_region(region, image.shape)
         grids = None if area_grid is None else [np.asarray(area_grid)]
         # a batch of one: the draws are exactly those the batched loader path makes (draws.py)
-        draws = draw_batch(rng, [image.shape], config=self.config, grids=grids, masks=[masks])
-        return self.render(image, masks, ids, draws, 0)
+        draws = draw_batch(rng, [image.shape], config=self.config, grids=grids, masks=[masks],
+                           regions=None if region is None else [region])
+        return self.render(image, masks, ids, draws, 0, region=region)
+
+    @staticmethod
+    def _checked_region(region: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+        if region is None:
+            return None
+        region = np.asarray(region, dtype=bool)
+        if region.shape != tuple(shape):
+            raise ValueError(f"scan region must be {tuple(shape)} like the image, got {region.shape}")
+        return region
 
     def _checked(self, image: np.ndarray, masks: np.ndarray | MaskLayers,
                  ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | MaskLayers, np.ndarray]:
@@ -203,12 +256,16 @@ class PairedViews:
         return image, masks, np.asarray(ids, dtype=np.int64).reshape(-1)
 
     def render(self, image: np.ndarray, masks: np.ndarray | MaskLayers, ids: np.ndarray, draws: BatchDraws,
-               sample: int, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+               sample: int, out: dict[str, np.ndarray] | None = None, region: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Sample ``sample`` of ``draws`` as CONTRACTS.md fields (see the module docstring).
 
         ``out``: optional batch arrays (B, ...) of the worker-geometry fields; the sample is
         written into row ``sample`` of each (no per-sample arrays, no collate copy) and ``out``
         is returned. Without it a dict of per-sample arrays is returned.
+
+        ``region``: the sample's scan region (bool (H, W)) or None. With it the sample gets
+        ``core_region`` (device geometry: ``region``); into an ``out`` that has a
+        ``core_region`` field, a sample without a region writes all ones (the whole core counts).
         """
         config = self.config
         size, num = config.size, config.num_mask_samples
@@ -228,7 +285,15 @@ class PairedViews:
         if config.geometry == "device":
             if out is not None:
                 raise ValueError("render(out=...) writes worker-geometry fields only")
-            fields.update(self._device_fields(image, masks, chosen, (box1, box2), core_box))
+            fields.update(self._device_fields(image, masks, chosen, (box1, box2), core_box, region))
+            if config.sector_angle_p > 0 or config.convexity_p > 0:
+                fields["sector"] = draws.sector[sample].astype(np.float32)
+                fields["convexity"] = draws.convexity[sample].astype(np.float32)
+                fields["apex"] = np.nan_to_num(draws.apex[sample]).astype(np.float32)
+                if (fields["sector"] != 1).any() or (fields["convexity"] != 1).any():
+                    # the warp reads outside the crops: ship the whole image (the canvas starts at 0, 0)
+                    fields.update(self._device_fields(image, masks, chosen, (CropBox(0, 0, *image.shape),) * 2,
+                                                      core_box, region))
             return fields
 
         packed_width = size // 8
@@ -239,16 +304,27 @@ class PairedViews:
                 "mask_valid1": np.empty(num, bool), "mask_valid2": np.empty(num, bool),
                 "core": np.empty((1, size, size), np.uint8),
             }
+            if region is not None:
+                row["core_region"] = np.empty((1, size, packed_width), np.uint8)
             row.update(fields)
         else:
             for name, value in fields.items():
                 out[name][sample] = value
             row = {name: out[name][sample] for name in ("view1", "view2", "masks1", "masks2", "mask_valid1", "mask_valid2", "core")}
+            if "core_region" in out:
+                row["core_region"] = out["core_region"][sample]
         for which, box, flip in ((1, box1, flip1), (2, box2, flip2)):
             packed_out, valid_out = row[f"masks{which}"], row[f"mask_valid{which}"]
+            view_image, view_masks = image, masks
+            sector = draws.sector_warp(sample, which - 1)
+            if sector is not None:
+                # the sector-angle / convexity change before the crop (probe_geometry), computed
+                # only inside the crop box (the crop reads nothing else), which then starts at 0, 0
+                view_image, view_masks = _sector_warped(image, masks, *sector, window=box)
+                box = CropBox(0, 0, box.height, box.width)
             if chosen.size:
                 unique, slot_to_unique = np.unique(chosen, return_inverse=True)
-                warped = self._warp_selected(masks, unique, box, flip)
+                warped = self._warp_selected(view_masks, unique, box, flip)
                 # size % 8 == 0, so packing the flat array is packing each row
                 packed = np.packbits(warped.reshape(-1), bitorder="big").reshape(len(unique), size, packed_width)
                 packed_out[:len(chosen)] = packed[slot_to_unique]
@@ -256,8 +332,10 @@ class PairedViews:
             # slots are filled in order, so the empty ones (-1) are the tail
             packed_out[len(chosen):] = 0
             valid_out[len(chosen):] = False
-            row[f"view{which}"][0] = warp_image(image, box, flip, size)
+            row[f"view{which}"][0] = warp_image(view_image, box, flip, size)
         row["core"][0] = resize_region(image, core_box, size) if core_box is not None else 0
+        if "core_region" in row:
+            row["core_region"][0] = _packed_core_region(region, core_box, size)
         return out if out is not None else row
 
     def _warp_selected(self, masks: np.ndarray | MaskLayers, unique: np.ndarray, box: CropBox, flip: bool) -> np.ndarray:
@@ -271,7 +349,8 @@ class PairedViews:
         return np.ascontiguousarray(warp_masks(masks[unique], box, flip, size))
 
     def _device_fields(self, image: np.ndarray, masks: np.ndarray | MaskLayers, chosen: np.ndarray,
-                       boxes: tuple[CropBox, CropBox], core_box: CropBox | None) -> dict[str, np.ndarray]:
+                       boxes: tuple[CropBox, CropBox], core_box: CropBox | None,
+                       region: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """What the device needs to make the views itself: the image and the sampled masks' layers,
         cut to the bounding box of both crops (the device never reads outside a crop; on average
         this ships ~70% of the pixels). ``canvas_origin`` is that box's top-left corner."""
@@ -299,7 +378,8 @@ class PairedViews:
             unique, mask_layer[:] = np.unique(chosen, return_inverse=True)
             layers = masks[unique, top:bottom, left:right].view(np.uint8)
             mask_value[:] = 1
-        return {
+        fields = {} if region is None else {"region": region[None, top:bottom, left:right].view(np.uint8)}
+        return fields | {
             "image": image[None],
             "mask_layers": layers,
             "mask_layer": mask_layer,
@@ -308,3 +388,27 @@ class PairedViews:
             "canvas_origin": np.array([top, left], np.int64),
             "view_size": np.int64(self.config.size),
         }
+
+
+def _packed_core_region(region: np.ndarray | None, core_box: CropBox | None, size: int) -> np.ndarray:
+    """uint8 (S, S // 8): the scan region inside ``core_box`` resized like a mask (nearest-exact,
+    no flip: the core is never flipped), bit-packed; all ones without a region, zeros without a core."""
+    packed_width = size // 8
+    if core_box is None:
+        return np.zeros((size, packed_width), np.uint8)
+    if region is None:
+        return np.full((size, packed_width), 255, np.uint8)
+    cut = warp_masks(region[None], core_box, False, size)[0]
+    return np.packbits(cut.reshape(-1), bitorder="big").reshape(size, packed_width)
+
+
+def _sector_warped(image: np.ndarray, masks: np.ndarray | MaskLayers, apex: tuple[float, float, float],
+                   factor: float, convexity: float, *, window: CropBox) -> tuple[np.ndarray, np.ndarray | MaskLayers]:
+    """The ``window`` of the image and masks after a view's sector-angle / convexity change
+    (``probe_geometry``): the image bilinearly, the masks nearest-exact at the same source points."""
+    box = (window.top, window.left, window.height, window.width)
+    if isinstance(masks, MaskLayers):
+        warped, layers, _ = sector_warp_numpy(image, masks.layers, None, apex, factor, convexity, window=box)
+        return warped, MaskLayers(layers, masks.layer_of_mask)
+    warped, layers, _ = sector_warp_numpy(image, masks.view(np.uint8), None, apex, factor, convexity, window=box)
+    return warped, layers.astype(bool)

@@ -80,8 +80,9 @@ def read_state_dict(path: Path, what: str = "encoder") -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many unrelated types for a bad or foreign file
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"{path}: cannot read as a torch state dict ({reason})") from None
+        from anaus_core.safe_load import describe_load_error  # never passes on torch's weights_only=False advice
+
+        raise UserInputError(f"{path}: cannot read as a torch state dict ({describe_load_error(exc)})") from None
     for key in ("state_dict", "model", "encoder"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

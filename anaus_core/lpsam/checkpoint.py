@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from anaus_core.errors import UserInputError
+from anaus_core.safe_load import describe_load_error
 from anaus_core.lpsam.build import LPSAMModelConfig, build_lpsam, load_partial_state
 from anaus_core.lpsam.model import LPSAM
 from anaus_core.sam import SamSpec, file_sha256
@@ -50,7 +51,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserInputError(f"{path}: cannot be read as an LP-SAM checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        raise UserInputError(f"{path}: cannot be read as an LP-SAM checkpoint ({describe_load_error(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserInputError(f"{path}: not an LP-SAM checkpoint (no format={FORMAT!r}; a SAM checkpoint goes to --sam-checkpoint)")
     if data.get("version") != VERSION:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from anaus_core.errors import UserInputError
+from anaus_core.image_limits import read_bounded_image
 from anaus_core.lpsam.data import IMAGE_SUFFIXES
 from anaus_core.lpsam.predictor import LPSAMPredictor
 from anaus_core.maskset import MaskSet
@@ -54,25 +56,28 @@ def predict_files(predictor: LPSAMPredictor, files: Sequence[Path], out_dir: str
     """Predict every file and write ``<name>.npz`` (masks bool (M, H, W), ids, scores, sources)
     and ``<name>.json`` (source path + mask records) per image, ``<name>_overlay.png`` with
     ``png``, and ``predictions.json`` listing them all. Returns the list."""
-    from rich.progress import Progress
+    from anaus_core.progress import make_progress
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names: dict[str, int] = {}
-    summary = []
+    summary: list[dict] = []
+    skipped: list[dict] = []
     in_chans = predictor.model.in_chans
-    with Progress(disable=not progress, transient=True) as bar:
+    with make_progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("lpsam predict", total=len(files))
         for start in range(0, len(files), predictor.batch_size):
-            chunk = files[start : start + predictor.batch_size]
-            images = []
-            for path in chunk:
+            images, chunk_ok = [], []
+            for path in files[start : start + predictor.batch_size]:
+                # One corrupt or oversized image is skipped with a warning (as precompute-masks does),
+                # not the whole batch; the skipped files are listed in skipped.json.
                 try:
-                    with Image.open(path) as handle:
-                        images.append(np.asarray(handle.convert("L" if in_chans == 1 else "RGB")))
-                except OSError as exc:
-                    raise UserInputError(f"{path}: cannot be decoded as an image ({exc})") from None
-            for path, image, mask_set in zip(chunk, images, predictor.predict(images, finalize=True, max_masks=max_masks)):
+                    images.append(read_bounded_image(path, mode="L" if in_chans == 1 else "RGB"))
+                    chunk_ok.append(path)
+                except UserInputError as exc:
+                    skipped.append({"image": str(path), "error": str(exc)})
+                    print(f"warning: skipped {exc}", file=sys.stderr)
+            for path, image, mask_set in zip(chunk_ok, images, predictor.predict(images, finalize=True, max_masks=max_masks) if images else []):
                 name = path.stem
                 names[name] = names.get(name, 0) + 1
                 if names[name] > 1:
@@ -83,6 +88,10 @@ def predict_files(predictor: LPSAMPredictor, files: Sequence[Path], out_dir: str
                 if png:
                     Image.fromarray(overlay(image, mask_set)).save(out_dir / f"{name}_overlay.png")
                 summary.append(record)
-            bar.advance(task, len(chunk))
+            bar.advance(task, len(files[start : start + predictor.batch_size]))
+    if len(skipped) == len(files):
+        raise UserInputError(f"{files[0]}: no readable image among the {len(files)} given (first: {skipped[0]['error']})")
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=1))
+    if skipped:
+        (out_dir / "skipped.json").write_text(json.dumps(skipped, indent=1))
     return summary

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
-from anaus_core.maskers._segments import masks_from_segments, scan_region_of
+from anaus_core.maskers._segments import masks_from_segments, scan_region_of, segment_at_bounded_resolution
 from anaus_core.maskers.base import ImageMeta
 from anaus_core.maskset import MaskSet
 
@@ -73,7 +73,7 @@ class FelzenszwalbMasker:
     def __call__(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta]) -> list[MaskSet]:
         results = []
         for image, meta in zip(images, metas):
-            segments = np.asarray(self.segment(image), np.int64)
+            segments = np.asarray(segment_at_bounded_resolution(self.segment, image), np.int64)
             region = scan_region_of(meta, np.shape(image))
             if region is not None:
                 # the graph is cut at the region's edge: a segment never spans the black screen

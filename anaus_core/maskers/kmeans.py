@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.cluster.vq import kmeans2, vq
 
-from anaus_core.maskers._segments import masks_from_segments, scan_region_of
+from anaus_core.maskers._segments import masks_from_segments, scan_region_of, segment_at_bounded_resolution
 from anaus_core.maskers.base import ImageMeta
 from anaus_core.maskset import MaskSet
 
@@ -148,6 +148,6 @@ class KMeansMasker:
 
     def __call__(self, images: Sequence[np.ndarray], metas: Sequence[ImageMeta]) -> list[MaskSet]:
         return [
-            masks_from_segments(self.segment(image, scan_region_of(meta, np.shape(image))), source=self.name, min_segment_area=self.min_segment_area)
+            masks_from_segments(segment_at_bounded_resolution(self.segment, image, region=scan_region_of(meta, np.shape(image))), source=self.name, min_segment_area=self.min_segment_area)
             for image, meta in zip(images, metas)
         ]

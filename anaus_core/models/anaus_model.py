@@ -2,7 +2,8 @@
 
 ``model(prepared_batch, generator=g)`` takes the device-side batch of ``CONTRACTS.md``
 (``view1, view2`` (B,3,S,S) normalised; ``masks1, masks2`` (B,K,S,S) in {0,1}; ``mask_ids``
-(B,K); ``mask_valid1/2`` (B,K); ``core`` (B,3,S,S); ``core_valid`` (B,)) and returns a dict of
+(B,K); ``mask_valid1/2`` (B,K); ``core`` (B,3,S,S); ``core_valid`` (B,); optional
+``core_region`` (B,1,S,S) the scan region cut like the core) and returns a dict of
 scalar tensors: ``loss`` and its parts (``loss_ana``, ``loss_ana_s7``, ..., ``loss_ctx``,
 ``loss_ctx_s7``, ...; ``loss_byol*`` instead of ``loss_ana*`` for ``objective="byol"``).
 The trainer calls ``update_target(momentum)`` once per optimiser step, after ``optimizer.step()``.
@@ -451,8 +452,14 @@ class AnaUSModel(nn.Module):
             online_maps = self.online_encoder(damaged)
         with torch.no_grad():
             target_maps = self.target_encoder(core)
+        # the scan region cut like the core (when the batch has one), pooled to each feature grid
+        # like the masks: cells outside the region do not count (issue 10)
+        region = batch.get("core_region")
         return {
-            scale: context_prediction_loss(online_maps[scale], target_maps[scale], core_valid)
+            scale: context_prediction_loss(
+                online_maps[scale], target_maps[scale], core_valid,
+                None if region is None else downsample_masks(region, tuple(online_maps[scale].shape[-2:])),
+            )
             for scale in self.online_encoder.scales
         }
 

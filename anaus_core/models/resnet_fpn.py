@@ -24,6 +24,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from anaus_core.config import ConfigError
 from anaus_core.errors import UserInputError
+from anaus_core.safe_load import describe_load_error
 
 #: scale (grid size at 224 px) -> ResNet stage feeding it (2 = layer1 ... 5 = layer4)
 SCALE_TO_STAGE: dict[int, int] = {7: 5, 14: 4, 28: 3, 56: 2}
@@ -66,7 +67,7 @@ def load_torchvision_weights(backbone: nn.Module, path: str | Path, *, arch: str
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for a bad file
-        raise UserInputError(f"{path}: cannot read as a torch state dict ({type(exc).__name__})") from None
+        raise UserInputError(f"{path}: cannot read as a torch state dict ({describe_load_error(exc)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -14,6 +14,22 @@ from anaus_core.errors import UserInputError
 from anaus_core.phantoms.phantom import MIN_SIZE, Phantom, generate_phantom
 
 MAX_SIZE = 4096
+LABELS_MARKER = ".anaus-labels"  # the same name as pipeline.ingest.LABELS_MARKER (tests/test_harden.py checks)
+
+
+def _refuse_other_size(out_dir: Path, size: int) -> None:
+    """A corpus folder holding phantoms of another size is not silently overwritten: mixed
+    sizes in one corpus are a mistake (a different seed or count at the same size is fine)."""
+    existing = sorted((out_dir / "img").glob("phantom_*.png"))[:1] if (out_dir / "img").is_dir() else []
+    for path in existing:
+        try:
+            with Image.open(path) as handle:
+                width, height = handle.size
+        except OSError:
+            continue
+        if (width, height) != (size, size):
+            raise UserInputError(f"{out_dir}: holds {width}x{height} phantoms; refusing to overwrite them with --size {size} "
+                                 "(use another folder or delete it first)")
 
 
 def phantom_id(index: int) -> str:
@@ -35,6 +51,7 @@ def write_phantom(out_dir: Path, phantom_key: str, phantom: Phantom, *, seed: in
         Image.fromarray(screen.rgb, mode="RGB").save(out_dir / "img" / f"{phantom_key}.png")
         Image.fromarray(screen.label, mode="L").save(out_dir / "label" / f"{phantom_key}.png")
         (out_dir / "truth").mkdir(exist_ok=True)
+        (out_dir / "truth" / LABELS_MARKER).write_text("truth masks of a phantom corpus; not ingested as images\n")
         fov_name, overlay_name = f"truth/{phantom_key}_fov.png", f"truth/{phantom_key}_overlay.png"
         Image.fromarray(screen.field_of_view.astype(np.uint8) * 255, mode="L").save(out_dir / fov_name)
         Image.fromarray(screen.overlay.astype(np.uint8) * 255, mode="L").save(out_dir / overlay_name)
@@ -67,15 +84,20 @@ ruler, calipers, a colour bar and a logo (``write_phantom``). Existing files
         raise UserInputError(f"--geometry: must be linear or sector, got {geometry!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"{out_dir}: exists and is not a directory")
+    _refuse_other_size(out_dir, int(size))
     for sub in ("img", "label"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    # declares label/ a label folder: `precompute-masks CORPUS` then ingests img/ only (pipeline.ingest)
+    (out_dir / "label" / LABELS_MARKER).write_text("label images of a phantom corpus; not ingested as images\n")
 
     ids = [phantom_id(index) for index in range(count)]
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         columns = (TextColumn("phantoms"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns) as bar:
+        from anaus_core.progress import make_progress
+
+        with make_progress(*columns) as bar:
             task = bar.add_task("phantoms", total=count)
             for index, key in enumerate(ids):
                 write_phantom(out_dir, key, generate_phantom(size=int(size), seed=int(seed), index=index, geometry=geometry), seed=int(seed), index=index, annotations=annotations)

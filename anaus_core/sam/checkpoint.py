@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from anaus_core.errors import UserInputError
+from anaus_core.safe_load import describe_load_error
 
 
 def file_sha256(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
@@ -30,7 +31,7 @@ def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
-        raise UserInputError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise UserInputError(f"{path}: cannot be read as a torch checkpoint ({describe_load_error(exc)})") from None
     if isinstance(data, dict):
         for wrapper in ("model", "state_dict"):
             if wrapper in data and isinstance(data[wrapper], dict) and "image_encoder.pos_embed" not in data:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from anaus_core.errors import UserInputError
+from anaus_core.safe_load import describe_load_error
 
 CHECKPOINT_FORMAT = "anaus-pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -120,18 +121,36 @@ def _atomic_alias(source: Path, path: Path) -> None:
 
 
 def save_checkpoint(payload: Mapping[str, Any], checkpoint_dir: str | Path, *, step: int,
-                    keep_step_file: bool = True) -> Path:
+                    keep_step_file: bool = True, keep_last: int | None = None) -> Path:
     """Write ``step-XXXXXX.pt`` and make ``last.pt`` the same file (hard link, else a copy), each
-    atomically; with ``keep_step_file=False`` only ``last.pt`` is written. Returns ``last.pt``."""
+    atomically; with ``keep_step_file=False`` only ``last.pt`` is written. ``keep_last=N``:
+    afterwards only the newest N step files remain (``prune_step_checkpoints``). Returns ``last.pt``."""
     checkpoint_dir = Path(checkpoint_dir)
     last = checkpoint_dir / LAST_NAME
     if keep_step_file:
         step_path = checkpoint_dir / step_checkpoint_name(step)
         _atomic_torch_save(payload, step_path)
         _atomic_alias(step_path, last)
+        if keep_last is not None:
+            prune_step_checkpoints(checkpoint_dir, keep=keep_last)
     else:
         _atomic_torch_save(payload, last)
     return last
+
+
+def prune_step_checkpoints(checkpoint_dir: str | Path, *, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``step-XXXXXX.pt`` files (by step number); ``last.pt``
+    is never touched (it is its own directory entry, so a hard link to a pruned step file keeps
+    its data). Returns the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    steps = sorted(p for p in Path(checkpoint_dir).glob("step-*.pt") if p.stem[5:].isdigit())
+    doomed = steps[:-keep]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    if doomed:
+        _fsync_directory(Path(checkpoint_dir))
+    return doomed
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -142,7 +161,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign files
-        raise UserInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise UserInputError(f"{path}: not a readable checkpoint ({describe_load_error(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(f"{path}: not an AnaUS pre-training checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
     if int(payload.get("version", 0)) > CHECKPOINT_VERSION:

@@ -16,6 +16,7 @@ from anaus_core.config import ConfigError
 
 from anaus_core.augment.device import DeviceAugmentConfig
 from anaus_core.augment.views import ViewConfig
+from anaus_core.avit.config import AViTConfig
 from anaus_core.evaluate.online import OnlineEvalConfig
 from anaus_core.models.anaus_model import AnaUSConfig
 
@@ -47,6 +48,7 @@ class OptimConfig:
     accumulation_steps: int = 1      # micro-steps per optimiser step
     grad_clip_norm: Optional[float] = None
     foreach: bool = True             # LARS with torch._foreach_* kernels (False: the per-parameter loop)
+    name: Literal["lars", "adamw"] = "lars"   # adamw: the ViT methods' optimiser (DINO/iBOT/MAE); lars_eta/sgd_momentum unused
 
 
 @dataclass
@@ -62,6 +64,7 @@ class RunConfig:
     log_every: int = 10              # optimiser steps between metrics.jsonl lines
     checkpoint_every: int = 1000     # optimiser steps between checkpoints (0 = only at the end)
     keep_step_checkpoints: bool = True   # keep step-XXXXXX.pt files beside last.pt
+    keep_last_checkpoints: Optional[int] = None  # keep only the newest N step files (None: all)
     progress: bool = True            # rich progress bar with images/s and ETA
     tensorboard: bool = True         # event files in RUN/tensorboard when tensorboard is installed
     deterministic: bool = False      # torch.use_deterministic_algorithms (slower on CUDA)
@@ -88,6 +91,7 @@ class PretrainConfig:
     model: AnaUSConfig = field(default_factory=AnaUSConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    avit: AViTConfig = field(default_factory=AViTConfig)   # method "avit" (docs/avit.md)
     eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
 
 
@@ -126,6 +130,10 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         raise ConfigError(f"run.compile: must be auto, on or off, got {run.compile!r}")
     if run.log_every < 1:
         raise ConfigError(f"run.log_every: must be >= 1, got {run.log_every}")
+    if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
+        raise ConfigError(f"run.keep_last_checkpoints: must be >= 1 (or unset to keep all), got {run.keep_last_checkpoints}")
+    if not optim.base_lr > 0:
+        raise ConfigError(f"optim.base_lr: must be > 0, got {optim.base_lr}")
     if run.checkpoint_every < 0:
         raise ConfigError(f"run.checkpoint_every: must be >= 0, got {run.checkpoint_every}")
     try:
@@ -134,6 +142,8 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         raise ConfigError(str(exc)) from None
     if not 0 <= optim.ema_base <= 1:
         raise ConfigError(f"optim.ema_base: must be in [0, 1], got {optim.ema_base}")
+    if config.method == "avit":
+        config.avit.validate()
 
 
 def micro_batch_size(config: PretrainConfig, world_size: int) -> int:

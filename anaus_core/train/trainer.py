@@ -181,6 +181,10 @@ def build_optimizer(method, config: PretrainConfig, peak_lr: float):
         group["lars_adaptation"] = not exclude
         group.setdefault("weight_decay", 0.0 if exclude else config.optim.weight_decay)
         groups.append(group)
+    if config.optim.name == "adamw":
+        # ViT recipe (DINO, iBOT, MAE): AdamW; the groups keep their weight decay, the LARS flag is dropped
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars_adaptation"} for g in groups],
+                                 lr=peak_lr, betas=(0.9, 0.999), weight_decay=config.optim.weight_decay)
     return build_lars(groups, lr=peak_lr, momentum=config.optim.sgd_momentum,
                       weight_decay=config.optim.weight_decay, eta=config.optim.lars_eta,
                       foreach=config.optim.foreach)
@@ -543,7 +547,8 @@ def _save(model, optimizer, config, schedule, step, epoch, batches_done, run_dir
     path = None
     if context.is_main:
         payload = checkpoint_payload(model, optimizer, config, schedule, step, epoch, batches_done, context.world_size)
-        path = save_checkpoint(payload, run_dir / CHECKPOINT_DIRNAME, step=step, keep_step_file=keep_step_file)
+        path = save_checkpoint(payload, run_dir / CHECKPOINT_DIRNAME, step=step, keep_step_file=keep_step_file,
+                               keep_last=config.run.keep_last_checkpoints)
     barrier(context)
     return path
 
@@ -600,7 +605,9 @@ class _Progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self._progress = Progress(
+        from anaus_core.progress import make_progress
+
+        self._progress = make_progress(
             TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:>8} img/s"), TextColumn("wait {task.fields[wait]}"),
             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
