@@ -197,3 +197,20 @@ def test_learning_signal_benchmark_end_to_end_toy(tmp_path):
     pairs = {(t["a"], t["b"], t["protocol"]) for t in results["tests"]}
     assert ("anaus-ultrasound-labels", "byol", "linear") in pairs and ("byol", "random", "knn") in pairs
     assert all(t["n"] == 2 * 2 for t in results["tests"])  # folds x geometries x seeds
+
+
+def test_avit_eval_encoder_gives_the_exported_features(tmp_path):
+    """A-ViT's online-evaluation view equals what `anaus evaluate` computes from its encoder.pt."""
+    from anaus_core.avit.method import AViTMethod
+    from anaus_core.evaluate.backbones import build_backbone
+    from anaus_core.evaluate.encoders import EncoderSpec, load_encoder
+    from anaus_core.evaluate.features import extract_features
+    from tests.avit_helpers import tiny_avit_config
+
+    method = AViTMethod(config=tiny_avit_config())
+    method.export(tmp_path)
+    exported = build_backbone(load_encoder(EncoderSpec("avit", tmp_path / "encoder.pt")))
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    live = extract_features(method.eval_encoder(), images, device=torch.device("cpu"))
+    torch.testing.assert_close(live, extract_features(exported, images, device=torch.device("cpu")))
+    assert method.eval_encoder().vit is method.teacher.vit  # live weights, not a copy

@@ -276,6 +276,15 @@ class AViTMethod(PretrainMethod):
     def health(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {}
 
+    def eval_encoder(self) -> torch.nn.Module:
+        """The exported network (the teacher's timm ViT) behind the evaluation library's
+        ``ViTBackbone`` view: (B, 3, H, W) -> (B, D) class-token (or mean-token) features, as
+        ``anaus evaluate`` computes them from ``encoder.pt``; shares the live weights."""
+        from anaus_core.evaluate.backbones import ViTBackbone
+
+        vit = self.teacher.vit
+        return ViTBackbone(vit=vit, in_chans=int(vit.patch_embed.proj.in_channels))
+
 
 def build_avit_method(config: Any) -> AViTMethod:
     """From a ``PretrainConfig``: its ``avit`` section, ``augment`` (photometric settings),
