@@ -15,12 +15,13 @@
    anatomy category per image, the phantom's probe geometry (``linear``/``sector``, from its label
    JSON, through ``precompute-masks --anatomy csv:...``: a pack-only change), and the two A-ViT
    pre-trainings run one after the other with docs/avit.md's optimiser (AdamW, lr 5e-4 per 256,
-   wd 0.04). ``--anaus-encoder`` evaluates an existing AnaUS encoder instead of training one.
+   wd 0.04). ``random_vit`` is that ViT untrained (seed 0). ``--anaus-encoder`` evaluates an
+   existing AnaUS encoder instead of training one.
 
 Run:  python3 benchmarks/bench_evaluate.py speed [--device cuda]
       python3 benchmarks/bench_evaluate.py phantoms --work /tmp/phantom-eval [--steps 300]
       python3 benchmarks/bench_evaluate.py phantoms --work /tmp/avit-eval \
-          --arms anaus,avit,avit_noacdt,random --avit-steps 60 [--anaus-encoder ENC.pt] [--no-segmentation]
+          --arms anaus,avit,avit_noacdt,random,random_vit --avit-steps 60 [--anaus-encoder ENC.pt] [--no-segmentation]
 """
 
 from __future__ import annotations
@@ -111,7 +112,20 @@ def _cli(*args: str, log) -> None:
     print(f"# {time.perf_counter() - started:.0f} s", file=log, flush=True)
 
 
-ARMS = ("anaus", "byol", "avit", "avit_noacdt", "random")
+ARMS = ("anaus", "byol", "avit", "avit_noacdt", "random", "random_vit")
+
+
+def write_random_vit(args, out_dir: Path) -> Path:
+    """The A-ViT arms' ViT (``--avit-size``, ``--avit-patch``, ``--size`` px) at its timm
+    initialisation (seed 0), untrained: the baseline that says what the A-ViT pre-training added
+    (``random`` is a random ResNet-18)."""
+    from anaus_core.avit.backbone import build_vit
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    vit = build_vit(size=args.avit_size, img_size=args.size, patch_size=args.avit_patch)
+    torch.save(vit.state_dict(), out_dir / "encoder.pt")
+    return out_dir / "encoder.pt"
 
 
 def write_geometry_anatomy_csv(corpus: Path, out: Path) -> dict[str, int]:
@@ -181,7 +195,9 @@ def phantoms(args) -> None:
             encoders += ["--encoder", f"anaus={args.anaus_encoder}"]
             continue
         if not (work / name / "encoder.pt").exists():
-            if name in anaus_runs:
+            if name == "random_vit":
+                write_random_vit(args, work / name)
+            elif name in anaus_runs:
                 _cli("pretrain", "--config", str(config_path), "--shards", str(shards), "--out", str(work / name),
                      "--steps", str(args.steps), "--no-progress", *anaus_runs[name], log=log)
             else:   # the A-ViT arms, one after the other
