@@ -25,7 +25,9 @@ How it is found (:func:`detect_scan_region`, one region per image or per clip):
 4. The largest 8-connected component, holes filled (dark cysts, shadows inside the fan),
    closed with a disk of ``close_fraction`` x the short side (notches where dark tissue meets
    the fan edge), dents of its convex hull that are narrow and small filled (a black cyst or a
-   shadow at the edge of the fan), then minus the annotation pixels that lie inside (calipers,
+   shadow at the edge of the fan), its border peeled (at most ``edge_ramp`` pixels) where it is
+   only the blur ramp of the field of view's edge (below half the echo just inside: a blurred
+   step's edge is at its half maximum), then minus the annotation pixels that lie inside (calipers,
    text written on the image), dilated by one pixel; solid marks (arrows) in a band along its
    edge (a wider top-hat there) are removed too.
 
@@ -43,7 +45,7 @@ import numpy as np
 
 from anaus_core.maskers.base import SampleError
 
-CODE_VERSION = "scan-region-1"
+CODE_VERSION = "scan-region-2"  # 2: border at the half maximum of blurred edges
 
 
 class ScanRegionError(SampleError):
@@ -72,6 +74,8 @@ class ScanRegionConfig:
     join_fraction: float = 0.025
     open_fraction: float = 0.012
     close_fraction: float = 0.03
+    edge_ramp: int = 2  # the region's border is peeled at most this many pixels where it is a blur ramp ...
+    edge_fraction: float = 0.5  # ... i.e. below this fraction of the echo just inside (half maximum)
     bite_fraction: float = 0.2  # dents of the convex hull up to this fraction of the region are filled
     min_motion: float = 2.0  # median temporal std (gray levels) above which a clip counts as live
     static_std: float = 0.75  # in a live clip, pixels whose std is below this are static
@@ -185,7 +189,52 @@ def _region_of(reference: np.ndarray, annotations: np.ndarray, config: ScanRegio
     close_radius = int(round(config.close_fraction * short))
     if close_radius >= 1:
         region = ndimage.binary_fill_holes(_closing(region, close_radius))
-    return _fill_bites(region, config) & ~guard
+    region = _fill_bites(region, config)
+    return _trim_edge_ramp(reference, region, config) & ~guard
+
+
+def _trim_edge_ramp(reference: np.ndarray, region: np.ndarray, config: ScanRegionConfig) -> np.ndarray:
+    """Put the region's border where the echo's edge is, not where the blur around it ends.
+
+    A scan converter's interpolation (or a resize of the screen) smears the straight edge of the
+    field of view into a ramp one or two pixels wide whose outer pixels are only a few gray
+    levels above black; "above the black level" takes them, and the closings keep them. The
+    edge of a blurred step is where it crosses half the level of the echo next to it, so a
+    border pixel that is below ``edge_fraction`` of the mean echo just inside it, both itself
+    and averaged along the border (where speckle averages out), is peeled off, at most
+    ``edge_ramp`` pixels deep. The image's own edge is not a border (a linear probe's rectangle
+    may fill the screen), and dark tissue at the edge of the fan (a shadow) loses at most
+    ``edge_ramp`` pixels."""
+    from scipy import ndimage
+
+    if config.edge_ramp < 1 or config.edge_fraction <= 0:
+        return region
+    values = reference.astype(np.float32)
+    cross = ndimage.generate_binary_structure(2, 1)
+    window = 2 * config.edge_ramp + 3  # along the border: enough pixels to average speckle out
+
+    def local_mean(where: np.ndarray, size: int) -> np.ndarray:
+        weight = ndimage.uniform_filter(where.astype(np.float32), size=size, mode="constant")
+        total = ndimage.uniform_filter(np.where(where, values, 0.0), size=size, mode="constant")
+        return total / np.maximum(weight, 1e-6)
+
+    trimmed = region.copy()
+    for _ in range(config.edge_ramp):
+        inner = ndimage.binary_erosion(np.pad(trimmed, 1, constant_values=True), structure=cross)[1:-1, 1:-1]
+        border = trimmed & ~inner
+        if not border.any():
+            break
+        # the echo just inside: the next two layers, over a window twice as wide
+        deeper = ndimage.binary_erosion(np.pad(inner, 2, constant_values=True), structure=cross, iterations=2)[2:-2, 2:-2]
+        echo = inner & ~deeper
+        # dim itself (a bright pixel beside a dim stretch stays) and along its stretch of border
+        # (one dark speckle on a bright edge stays)
+        level = config.edge_fraction * local_mean(echo, 2 * window + 1)
+        dim = border & (values < level) & (local_mean(border, window) < level)
+        if not dim.any():
+            break
+        trimmed &= ~dim
+    return trimmed
 
 
 def _fill_bites(region: np.ndarray, config: ScanRegionConfig) -> np.ndarray:

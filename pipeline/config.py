@@ -48,6 +48,7 @@ class PrecomputeConfig:
     # -- execution (changes no output) ---------------------------------------------------------
     workers: int = 0  # 0: in this process; N >= 1: N local worker processes
     scheduler: Optional[str] = None  # dask.distributed scheduler address, e.g. tcp://host:8786
+    scheduler_timeout: float = 30.0  # seconds to wait for --scheduler before a one-line error
     batch_size: int = 8  # samples per task (and per masker call)
     device: str = "cpu"
     # in-process runs: source batches ingested ahead in threads while the masker runs

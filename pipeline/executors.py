@@ -74,13 +74,22 @@ class DaskExecutor:
     """Runs tasks on a ``dask.distributed`` cluster: ``DaskExecutor(address)`` connects a new
     client (closed by :meth:`close`), ``DaskExecutor(client=...)`` borrows one."""
 
-    def __init__(self, address: str | None = None, *, client=None, max_in_flight: int | None = None) -> None:
+    def __init__(self, address: str | None = None, *, client=None, max_in_flight: int | None = None,
+                 timeout: float = 30.0) -> None:
         from distributed import Client
 
         if client is None and address is None:
             raise ValueError("give a scheduler address or a client")
         self._own = client is None
-        self.client = client if client is not None else Client(address, timeout="30s")
+        if client is None:
+            try:
+                # distributed retries a refused connection until ``timeout``: the wait is bounded by it
+                client = Client(address, timeout=f"{float(timeout)}s")
+            except (OSError, TimeoutError, ValueError) as exc:
+                from anaus_core.errors import UserInputError, one_line
+
+                raise UserInputError(f"--scheduler {address}: cannot connect ({one_line(str(exc)) or type(exc).__name__})") from None
+        self.client = client
         self.workers = max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
         self.max_in_flight = max_in_flight or 2 * self.workers
 
@@ -111,11 +120,11 @@ class DaskExecutor:
             self.client.close()
 
 
-def make_executor(*, workers: int = 0, scheduler: str | None = None, client=None) -> Executor:
+def make_executor(*, workers: int = 0, scheduler: str | None = None, client=None, scheduler_timeout: float = 30.0) -> Executor:
     if client is not None:
         return DaskExecutor(client=client)
     if scheduler:
-        return DaskExecutor(scheduler)
+        return DaskExecutor(scheduler, timeout=scheduler_timeout)
     if workers and workers > 0:
         return ProcessExecutor(workers)
     return SerialExecutor()

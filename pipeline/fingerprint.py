@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping
 
 
 INGEST_CODE_VERSION = 2  # 2: colour maps and source info in the entry
-REGION_CODE_VERSION = 1
+REGION_CODE_VERSION = 2  # 2: the border is peeled off blurred edge ramps (half maximum)
 MASK_CODE_VERSION = 2  # 2: masks clipped to the scan region, residual inside it
 PYRAMID_CODE_VERSION = 1
 PACK_CODE_VERSION = 2  # 2: scan-region member, origin and group in the record

@@ -233,7 +233,8 @@ def _run_with_tables(config, out_dir: Path, report: PrecomputeReport, cache: Sta
         progress.advance("mask", known, reused=True)
         progress.advance("pyramid", known, reused=True)
         if to_run:
-            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
+            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client,
+                                     scheduler_timeout=config.scheduler_timeout)
             report.workers = executor.workers
             report.executor = type(executor).__name__.replace("Executor", "").lower()
             if report.executor == "serial":

@@ -156,7 +156,8 @@ def _pack_and_index(report, tables: RunTables, settings, config, cache, out_dir:
         )
         own_executor = executor is None
         if own_executor:
-            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client)
+            executor = make_executor(workers=config.workers, scheduler=config.scheduler, client=client,
+                                     scheduler_timeout=config.scheduler_timeout)
         try:
             for result in executor.imap_unordered(write_shard_task, tasks):
                 infos[result.info.name] = _summary(result.info, cache, fps[result.info.name], result.samples)

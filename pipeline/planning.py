@@ -129,6 +129,8 @@ def _check_config(config: PrecomputeConfig) -> None:
         raise UserInputError(f"--max-shrink: must be a fraction in [0, 1], got {config.max_shrink}")
     if config.workers < 0:
         raise UserInputError(f"--workers: must be >= 0, got {config.workers}")
+    if not float(config.scheduler_timeout) > 0:
+        raise UserInputError(f"--scheduler-timeout: must be > 0 seconds, got {config.scheduler_timeout}")
     if config.stored_size is not None and not 1 <= config.stored_size <= MAX_STORED_SIZE:
         raise UserInputError(f"--stored-size: must be in 1..{MAX_STORED_SIZE} pixels, got {config.stored_size}")
     out = Path(config.out)
