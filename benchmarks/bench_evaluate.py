@@ -10,9 +10,18 @@
    held-apart phantoms (classification of the dominant structure kind, segmentation of cysts),
    5 folds, paired Wilcoxon p-values. Every step is the ordinary CLI
    (make-phantoms -> precompute-masks -> pretrain -> evaluate).
+   ``--arms`` picks the encoders: ``anaus``, ``byol``, ``avit`` (A-ViT with ACDT), ``avit_noacdt``
+   (the same A-ViT with ``avit.acdt=none``) and ``random``. With an A-ViT arm the store gets one
+   anatomy category per image, the phantom's probe geometry (``linear``/``sector``, from its label
+   JSON, through ``precompute-masks --anatomy csv:...``: a pack-only change), and the two A-ViT
+   pre-trainings run one after the other with docs/avit.md's optimiser (AdamW, lr 5e-4 per 256,
+   wd 0.04). ``random_vit`` is that ViT untrained (seed 0). ``--anaus-encoder`` evaluates an
+   existing AnaUS encoder instead of training one.
 
 Run:  python3 benchmarks/bench_evaluate.py speed [--device cuda]
       python3 benchmarks/bench_evaluate.py phantoms --work /tmp/phantom-eval [--steps 300]
+      python3 benchmarks/bench_evaluate.py phantoms --work /tmp/avit-eval \
+          --arms anaus,avit,avit_noacdt,random,random_vit --avit-steps 60 [--anaus-encoder ENC.pt] [--no-segmentation]
 """
 
 from __future__ import annotations
@@ -103,42 +112,113 @@ def _cli(*args: str, log) -> None:
     print(f"# {time.perf_counter() - started:.0f} s", file=log, flush=True)
 
 
+ARMS = ("anaus", "byol", "avit", "avit_noacdt", "random", "random_vit")
+
+
+def write_random_vit(args, out_dir: Path) -> Path:
+    """The A-ViT arms' ViT (``--avit-size``, ``--avit-patch``, ``--size`` px) at its timm
+    initialisation (seed 0), untrained: the baseline that says what the A-ViT pre-training added
+    (``random`` is a random ResNet-18)."""
+    from anaus_core.avit.backbone import build_vit
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    vit = build_vit(size=args.avit_size, img_size=args.size, patch_size=args.avit_patch)
+    torch.save(vit.state_dict(), out_dir / "encoder.pt")
+    return out_dir / "encoder.pt"
+
+
+def write_geometry_anatomy_csv(corpus: Path, out: Path) -> dict[str, int]:
+    """``file,category`` rows for ``precompute-masks --anatomy csv:``: each phantom's probe geometry
+    (its label JSON's ``geometry``), a category that says nothing about the structure kinds the
+    classification task asks for."""
+    rows, counts = ["file,category"], {}
+    for label in sorted((corpus / "label").glob("*.json")):
+        meta = json.loads(label.read_text())
+        rows.append(f"{label.stem}.png,{meta['geometry']}")
+        counts[meta["geometry"]] = counts.get(meta["geometry"], 0) + 1
+    out.write_text("\n".join(rows) + "\n")
+    return counts
+
+
+def avit_pretrain_args(args, variant: str) -> list[str]:
+    """The short CPU A-ViT run: ``--avit-size`` ViT at 64 px (patch ``--avit-patch``), 2 global
+    64 px + ``--avit-local`` local 32 px crops, a slimmer DINO head than DINO's 65 536 outputs,
+    AdamW at docs/avit.md's lr 5e-4 (per 256 images) and weight decay 0.04."""
+    return ["--method", "avit", "--batch-size", str(args.avit_batch_size), "--num-workers", "0", "--device", "cpu",
+            "--seed", "0", "--steps", str(args.avit_steps), "--no-progress",
+            "--set", f"avit.size={args.avit_size}", "--set", f"avit.patch_size={args.avit_patch}",
+            "--set", f"avit.acdt={variant}", "--set", f"avit.crops.global_size={args.size}",
+            "--set", f"avit.crops.local_size={args.size // 2}", "--set", f"avit.crops.num_local={args.avit_local}",
+            "--set", f"avit.head_output_dim={args.avit_head_dim}", "--set", "avit.disc_channels=16",
+            "--set", "optim.name=adamw", "--lr", "0.0005", "--set", "optim.weight_decay=0.04",
+            "--log-every", "1", "--checkpoint-every", str(max(1, args.avit_steps // 2))]
+
+
 def phantoms(args) -> None:
     from anaus_core.config import save_config
     from anaus_core.evaluate.phantom_tasks import write_phantom_tasks
     from cli import demo_pretrain_config
 
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
+    with_avit = any(a.startswith("avit") for a in arms)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = open(work / "log.txt", "a")
     shards = work / "shards"
-    if not (shards / "manifest.json").exists():
-        _cli("make-phantoms", str(work / "pretrain_corpus"), "--count", str(args.pretrain_count), "--size", str(args.size),
+    corpus = work / "pretrain_corpus"
+    if not (corpus / "img").exists():
+        _cli("make-phantoms", str(corpus), "--count", str(args.pretrain_count), "--size", str(args.size),
              "--seed", "0", log=log)
-        _cli("precompute-masks", str(work / "pretrain_corpus" / "img"), "--out", str(shards), "--masker", "felzenszwalb",
-             "--stored-size", str(args.size), "--no-progress", log=log)
+    manifest = shards / "manifest.json"
+    has_anatomy = manifest.exists() and "anatomy" in json.loads(manifest.read_text())
+    if not manifest.exists() or (with_avit and not has_anatomy):
+        anatomy = []
+        if with_avit:
+            counts = write_geometry_anatomy_csv(corpus, work / "anatomy.csv")
+            print(f"# anatomy categories (probe geometry): {counts}", file=log, flush=True)
+            anatomy = ["--anatomy", f"csv:{work / 'anatomy.csv'}"]
+        _cli("precompute-masks", str(corpus / "img"), "--out", str(shards), "--masker", "felzenszwalb",
+             "--stored-size", str(args.size), "--no-progress", *anatomy, log=log)
     config_path = work / "pretrain.yaml"
     save_config(demo_pretrain_config(shards, steps=args.steps, seed=0, batch_size=args.batch_size), config_path)
-    runs = {"anaus": [], "byol": ["--set", "model.objective=byol", "--set", "model.context=false"]}
-    for name, extra in runs.items():
+    anaus_runs = {"anaus": [], "byol": ["--set", "model.objective=byol", "--set", "model.context=false"]}
+    encoders = []
+    for name in arms:
+        if name == "random":
+            encoders += ["--encoder", "random"]
+            continue
+        if name == "anaus" and args.anaus_encoder:
+            encoders += ["--encoder", f"anaus={args.anaus_encoder}"]
+            continue
         if not (work / name / "encoder.pt").exists():
-            _cli("pretrain", "--config", str(config_path), "--shards", str(shards), "--out", str(work / name),
-                 "--steps", str(args.steps), "--no-progress", *extra, log=log)
+            if name == "random_vit":
+                write_random_vit(args, work / name)
+            elif name in anaus_runs:
+                _cli("pretrain", "--config", str(config_path), "--shards", str(shards), "--out", str(work / name),
+                     "--steps", str(args.steps), "--no-progress", *anaus_runs[name], log=log)
+            else:   # the A-ViT arms, one after the other
+                variant = "acdt" if name == "avit" else "none"
+                _cli("pretrain", "--shards", str(shards), "--out", str(work / name), *avit_pretrain_args(args, variant),
+                     log=log)
+        encoders += ["--encoder", f"{name}={work / name / 'encoder.pt'}"]
     held = work / "heldapart"
     if not (held / "img").exists():
         _cli("make-phantoms", str(held), "--count", str(args.eval_count), "--size", str(args.size), "--seed", "7919", log=log)
     tasks = write_phantom_tasks(held, work / "tasks", segment_kind="cyst", min_per_class=args.folds + 2)
     print(f"# tasks: {tasks}", file=log, flush=True)
-    encoders = ["--encoder", f"anaus={work / 'anaus' / 'encoder.pt'}", "--encoder", f"byol={work / 'byol' / 'encoder.pt'}",
-                "--encoder", "random"]
     common = ["--folds", str(args.folds), "--image-size", str(args.size), "--no-progress", "--device", "cpu"]
     _cli("evaluate", str(tasks["classification"]), "--out", str(work / "eval_classification"), *encoders, *common,
          "--protocol", "linear", log=log)
-    _cli("evaluate", str(tasks["segmentation"]), "--task", "segmentation", "--out", str(work / "eval_segmentation"),
-         *encoders, *common, "--protocol", "linear", "--epochs", str(args.seg_epochs), "--set", "finetune.batch_size=16",
-         log=log)
-    print(f"# reports: {work / 'eval_classification' / 'results.md'}, {work / 'eval_segmentation' / 'results.md'}",
-          file=log, flush=True)
+    if args.segmentation:
+        _cli("evaluate", str(tasks["segmentation"]), "--task", "segmentation", "--out", str(work / "eval_segmentation"),
+             *encoders, *common, "--protocol", "linear", "--epochs", str(args.seg_epochs),
+             "--set", "finetune.batch_size=16", log=log)
+    print(f"# reports: {work / 'eval_classification' / 'results.md'}"
+          + (f", {work / 'eval_segmentation' / 'results.md'}" if args.segmentation else ""), file=log, flush=True)
 
 
 def main() -> None:
@@ -159,6 +239,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seg-epochs", type=int, default=8)
+    p.add_argument("--segmentation", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--arms", default="anaus,byol,random", help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--anaus-encoder", default=None, help="evaluate this AnaUS encoder.pt instead of pre-training one")
+    p.add_argument("--avit-steps", type=int, default=60)
+    p.add_argument("--avit-size", default="tiny", help="micro or tiny on a CPU")
+    p.add_argument("--avit-patch", type=int, default=16)
+    p.add_argument("--avit-local", type=int, default=2, help="local crops per image")
+    p.add_argument("--avit-head-dim", type=int, default=4096)
+    p.add_argument("--avit-batch-size", type=int, default=16)
     args = parser.parse_args()
     speed(args) if args.mode == "speed" else phantoms(args)
 
