@@ -129,7 +129,7 @@ def build_pretrain_loader(source: str | os.PathLike | Sequence[str] | ShardSourc
                           pin_memory: bool = False, prefetch_factor: int = 2,
                           decode: Callable[[Mapping[str, bytes]], Any] | None = None,
                           batch_transform: Callable[[list, np.ndarray, int, int], Any] | None = None) -> PretrainLoader:
-    """A loader that yields CONTRACTS.md pre-training batches (dict of CPU tensors) for one rank and epoch.
+    """A loader that yields pre-training batches (dict of CPU tensors) for one rank and epoch.
 
     ``len(loader) == batches_per_epoch - start_batch``, identical on every rank. ``index`` in
     each batch is the canonical sample number (shards in name order, members in tar order; the

@@ -6,7 +6,7 @@ one buffer, shared memory inside a DataLoader worker) — no per-sample dicts, n
 
 * worker geometry (``ViewConfig(geometry="worker")``): the views, packed masks and core are
   rendered per sample (``PairedViews.render``) into the batch rows; same fields as
-  ``collate.collate_views`` of per-sample dicts (CONTRACTS.md "pre-training batch").
+  ``collate.collate_views`` of per-sample dicts (the pre-training batch, fields in ``anaus_core.augment.collate``).
 * device geometry (``geometry="device"``): the batch holds the whole stored images and ALL their
   label layers on a canvas of the batch's largest (H, W) and layer count, plus the draws
   (boxes, flips, core box, and each slot's layer and label); ``device.prepare_batch`` cuts the

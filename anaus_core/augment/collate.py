@@ -1,4 +1,4 @@
-"""Collation of per-sample view dicts into the CONTRACTS.md pre-training batch (dict of CPU tensors),
+"""Collation of per-sample view dicts into the pre-training batch (dict of CPU tensors),
 or into a device-geometry batch (``ViewConfig(geometry="device")``, images padded to a canvas)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-# Field -> dtype of the collated tensor (CONTRACTS.md, "Pre-training batch").
+# Field -> dtype of the collated tensor (the pre-training batch).
 BATCH_FIELDS: dict[str, torch.dtype] = {
     "view1": torch.uint8,
     "view2": torch.uint8,

@@ -1,6 +1,6 @@
 """Device side of the pre-training input: collated uint8 batch -> normalised float tensors.
 
-``prepare_batch`` moves the CONTRACTS.md batch to the device, unpacks the bit-packed masks,
+``prepare_batch`` moves the pre-training batch (``anaus_core.augment.collate``) to the device, unpacks the bit-packed masks,
 runs the BYOL photometric ops batched per view (``anaus_core.augment.photometric``), normalises
 and repeats the grayscale channel to 3. The core crop gets no photometric op (the damage of
 L_ctx is applied to it later, by the model) — only the same normalisation.

@@ -9,7 +9,7 @@ off by default); the photometric part of the
 BYOL recipe is batched on the training device (``anaus_core.augment.device``), where it is
 ~20–50× cheaper than torchvision's per-image CPU ops (SPEC §9).
 
-Per sample this produces the CONTRACTS.md "pre-training batch" fields (numpy, un-batched):
+Per sample this produces the pre-training batch fields (``anaus_core.augment.collate``) (numpy, un-batched):
 
     view1, view2        uint8 (1, S, S)
     masks1, masks2      uint8 (K, S, S // 8)   bit-packed along width (np.packbits, big-endian bits)
@@ -257,7 +257,7 @@ class PairedViews:
 
     def render(self, image: np.ndarray, masks: np.ndarray | MaskLayers, ids: np.ndarray, draws: BatchDraws,
                sample: int, out: dict[str, np.ndarray] | None = None, region: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Sample ``sample`` of ``draws`` as CONTRACTS.md fields (see the module docstring).
+        """Sample ``sample`` of ``draws`` as pre-training batch fields (see the module docstring).
 
         ``out``: optional batch arrays (B, ...) of the worker-geometry fields; the sample is
         written into row ``sample`` of each (no per-sample arrays, no collate copy) and ``out``

@@ -1,1 +1,1 @@
-"""LP-SAM: SAM with ultrasound adapters and a latent prompt engine (SPEC.md §2, docs/lpsam.md)."""
+"""LP-SAM: SAM with ultrasound adapters and a latent prompt engine (docs/lpsam.md)."""

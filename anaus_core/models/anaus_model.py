@@ -1,6 +1,6 @@
 """The AnaUS pre-training model: online/target ResNet-FPN, per-scale BYOL heads, L_ana + L_ctx.
 
-``model(prepared_batch, generator=g)`` takes the device-side batch of ``CONTRACTS.md``
+``model(prepared_batch, generator=g)`` takes the device-side pre-training batch
 (``view1, view2`` (B,3,S,S) normalised; ``masks1, masks2`` (B,K,S,S) in {0,1}; ``mask_ids``
 (B,K); ``mask_valid1/2`` (B,K); ``core`` (B,3,S,S); ``core_valid`` (B,); optional
 ``core_region`` (B,1,S,S) the scan region cut like the core) and returns a dict of

@@ -81,7 +81,7 @@ class PretrainDataSource(Protocol):
     """What the trainer needs from the data side.
 
     ``num_samples``: images in one epoch. ``loader(...)`` yields collated CPU batches (the
-    CONTRACTS.md pre-training batch) of ``batch_size`` images for ``rank`` of ``world_size``,
+    pre-training batch, ``anaus_core.augment.collate``) of ``batch_size`` images for ``rank`` of ``world_size``,
     for ``epoch``, starting after ``skip_batches`` batches of that epoch. Every rank must see the
     same number of batches (drop the ragged tail).
     """
