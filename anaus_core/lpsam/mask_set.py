@@ -1,4 +1,4 @@
-"""From LP-SAM outputs to the mask set of one image (docs/lpsam.md, "Mask sets").
+"""From LP-SAM outputs to the mask set of one image (docs/lpsam.md, "The mask set of an image").
 
 1. Class masks: for each class k, pixels with probability > ``threshold``, split into
    8-connected components (``scipy.ndimage.label``); components below ``min_area`` pixels are
