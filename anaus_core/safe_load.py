@@ -9,6 +9,7 @@ turns the failure into a short reason that never carries that advice.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ def describe_load_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def torch_load_weights_only(path: str | Path, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` without torch's pickle-protocol warning.
+
+    Torch warns about the pickle protocol of a foreign file before refusing it; every caller
+    turns the refusal into one line that says what is wrong, so the warning only adds noise.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
 def load_weights(path: str | Path, *, what: str = "checkpoint", map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``; a missing or unreadable file is a one-line
     ``UserInputError`` naming ``path`` and ``what`` it should have been."""
@@ -35,6 +47,6 @@ def load_weights(path: str | Path, *, what: str = "checkpoint", map_location: An
     if not path.is_file():
         raise UserInputError(f"{path}: {what} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch_load_weights_only(path, map_location=map_location, mmap=mmap)
     except Exception as exc:  # torch raises many unrelated types for corrupt or foreign files
         raise UserInputError(f"{path}: cannot be read as a {what} ({describe_load_error(exc)})") from None

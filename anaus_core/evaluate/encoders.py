@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from anaus_core.errors import UserInputError
+from anaus_core.safe_load import torch_load_weights_only
 
 RANDOM = "random"
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.")
@@ -78,7 +79,7 @@ def read_state_dict(path: Path, what: str = "encoder") -> dict[str, Tensor]:
     if not path.is_file():
         raise UserInputError(f"{path}: {what} file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_weights_only(path)
     except Exception as exc:  # torch raises many unrelated types for a bad or foreign file
         from anaus_core.safe_load import describe_load_error  # never passes on torch's weights_only=False advice
 

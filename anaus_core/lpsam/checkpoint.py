@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from anaus_core.errors import UserInputError
-from anaus_core.safe_load import describe_load_error
+from anaus_core.safe_load import describe_load_error, torch_load_weights_only
 from anaus_core.lpsam.build import LPSAMModelConfig, build_lpsam, load_partial_state
 from anaus_core.lpsam.model import LPSAM
 from anaus_core.sam import SamSpec, file_sha256
@@ -49,7 +49,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserInputError(f"{path}: LP-SAM checkpoint not found")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load_weights_only(path)
     except Exception as exc:
         raise UserInputError(f"{path}: cannot be read as an LP-SAM checkpoint ({describe_load_error(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -26,8 +26,10 @@ def _checkpoint_metadata(path: Path) -> dict[str, Any]:
 
     from anaus_core.lpsam.checkpoint import FORMAT, VERSION, read_checkpoint
 
+    from anaus_core.safe_load import torch_load_weights_only
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = torch_load_weights_only(path, mmap=True)
     except Exception:
         data = None
     if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") == VERSION):

@@ -106,8 +106,10 @@ def _read_spec(path: Path, model_type: str | None):
 
     if model_type:
         return resolve_spec(model_type)
+    from anaus_core.safe_load import torch_load_weights_only
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch_load_weights_only(path, mmap=True)
     except Exception:
         state = None
     if not (isinstance(state, dict) and "image_encoder.pos_embed" in state):

@@ -64,8 +64,10 @@ def load_torchvision_weights(backbone: nn.Module, path: str | Path, *, arch: str
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: pretrained weights file not found")
+    from anaus_core.safe_load import torch_load_weights_only
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_weights_only(path)
     except Exception as exc:  # torch raises several unrelated types for a bad file
         raise UserInputError(f"{path}: cannot read as a torch state dict ({describe_load_error(exc)})") from None
     for key in ("state_dict", "model"):

@@ -28,8 +28,10 @@ def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: SAM checkpoint not found")
+    from anaus_core.safe_load import torch_load_weights_only
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load_weights_only(path)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         raise UserInputError(f"{path}: cannot be read as a torch checkpoint ({describe_load_error(exc)})") from None
     if isinstance(data, dict):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from anaus_core.errors import UserInputError
-from anaus_core.safe_load import describe_load_error
+from anaus_core.safe_load import describe_load_error, torch_load_weights_only
 
 CHECKPOINT_FORMAT = "anaus-pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -159,7 +159,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if not path.is_file():
         raise UserInputError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch_load_weights_only(path, map_location=map_location)
     except Exception as exc:  # torch raises several types for truncated/foreign files
         raise UserInputError(f"{path}: not a readable checkpoint ({describe_load_error(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
