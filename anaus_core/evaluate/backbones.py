@@ -63,6 +63,19 @@ class ViTBackbone(nn.Module):
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
 
 
+def _load_checked(module: nn.Module, state: dict, *, head: str, problem: str) -> None:
+    """``load_state_dict`` that allows only the classifier (keys starting with ``head``) to be missing;
+    any other mismatch is a ``UserInputError`` starting with ``problem``."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        line = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise UserInputError(f"{problem} ({line})") from None
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
+    if missing or result.unexpected_keys:
+        raise UserInputError(f"{problem} (missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+
+
 def build_backbone(weights: EncoderWeights) -> ResNetBackbone | ViTBackbone:
     """A fresh backbone with ``weights`` loaded (random initialisation from the current torch
     seed when ``weights.state`` is None). Shape mismatches raise ``UserInputError`` naming the file."""
@@ -70,30 +83,14 @@ def build_backbone(weights: EncoderWeights) -> ResNetBackbone | ViTBackbone:
     if weights.kind == "resnet":
         resnet = build_torchvision_resnet(weights.arch)
         if weights.state is not None:
-            try:
-                result = resnet.load_state_dict(weights.state, strict=False)
-            except RuntimeError as exc:
-                line = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-                raise UserInputError(f"{where}: not a torchvision {weights.arch} state dict ({line})") from None
-            missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-            if missing or result.unexpected_keys:
-                raise UserInputError(f"{where}: not a torchvision {weights.arch} state dict "
-                                     f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+            _load_checked(resnet, weights.state, head="fc.", problem=f"{where}: not a torchvision {weights.arch} state dict")
         return ResNetBackbone(resnet=resnet)
     if weights.kind == "vit":
         from timm.models.vision_transformer import VisionTransformer
 
         kwargs = dict(weights.vit_kwargs)
         vit = VisionTransformer(**kwargs)
-        try:
-            result = vit.load_state_dict(weights.state, strict=False)
-        except RuntimeError as exc:
-            line = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-            raise UserInputError(f"{where}: ViT weights do not fit the detected size {weights.arch} ({line})") from None
-        missing = [k for k in result.missing_keys if not k.startswith("head.")]
-        if missing or result.unexpected_keys:
-            raise UserInputError(f"{where}: ViT weights do not fit the detected size {weights.arch} "
-                                 f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+        _load_checked(vit, weights.state, head="head.", problem=f"{where}: ViT weights do not fit the detected size {weights.arch}")
         return ViTBackbone(vit=vit, in_chans=kwargs["in_chans"])
     raise ValueError(f"unknown encoder kind {weights.kind!r}")
 
