@@ -73,6 +73,7 @@ def pretrain_command(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar with images/s and ETA; a line every 30 s when not on a terminal (default on)."),
     set_values: Optional[list[str]] = typer.Option(None, "--set", help="Any config field, e.g. --set model.objective=byol --set optim.final_lr=0.001 (repeatable)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Online evaluation: class-per-folder labelled images (the `anaus evaluate` layout); kNN + linear probe on held-out folds, logged to metrics.jsonl."),
+    eval_task: Optional[str] = typer.Option(None, "--eval-task", help="Online evaluation task: classification (class-per-folder images) or regions (the segmentation layout: features pooled inside each labelled class of each image)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0, help="Optimiser steps between online evaluations (default 500; 0 = only at the end)."),
 ) -> None:
     """Pre-train a ResNet-FPN encoder with AnaUS on precomputed mask shards (torchrun for multi-GPU)."""
@@ -98,7 +99,7 @@ def pretrain_command(
         "run.device": choice_value(device), "run.amp": amp, "run.channels_last": channels_last, "run.compile": compile_mode,
         "model.sync_batchnorm": sync_batchnorm, "run.seed": seed, "run.log_every": log_every,
         "run.checkpoint_every": checkpoint_every, "run.progress": progress,
-        "eval.data": str(eval_data) if eval_data is not None else None, "eval.every": eval_every,
+        "eval.data": str(eval_data) if eval_data is not None else None, "eval.task": eval_task, "eval.every": eval_every,
     }
     overrides.update(parse_set_options(set_values))
     overrides.update(_init_overrides(init, weights))

@@ -144,14 +144,15 @@ def write_geometry_anatomy_csv(corpus: Path, out: Path) -> dict[str, int]:
 def avit_pretrain_args(args, variant: str) -> list[str]:
     """The short CPU A-ViT run: ``--avit-size`` ViT at 64 px (patch ``--avit-patch``), 2 global
     64 px + ``--avit-local`` local 32 px crops, a slimmer DINO head than DINO's 65 536 outputs,
-    AdamW at docs/avit.md's lr 5e-4 (per 256 images) and weight decay 0.04."""
+    AdamW at docs/avit.md's lr 5e-4 (per 256 images; ``--avit-lr``) and weight decay 0.04."""
     return ["--method", "avit", "--batch-size", str(args.avit_batch_size), "--num-workers", "0", "--device", "cpu",
             "--seed", "0", "--steps", str(args.avit_steps), "--no-progress",
             "--set", f"avit.size={args.avit_size}", "--set", f"avit.patch_size={args.avit_patch}",
             "--set", f"avit.acdt={variant}", "--set", f"avit.crops.global_size={args.size}",
             "--set", f"avit.crops.local_size={args.size // 2}", "--set", f"avit.crops.num_local={args.avit_local}",
             "--set", f"avit.head_output_dim={args.avit_head_dim}", "--set", "avit.disc_channels=16",
-            "--set", "optim.name=adamw", "--lr", "0.0005", "--set", "optim.weight_decay=0.04",
+            "--set", "optim.name=adamw", "--lr", str(args.avit_lr), "--set", "optim.weight_decay=0.04",
+            *(["--set", f"optim.warmup_steps={args.avit_warmup_steps}"] if args.avit_warmup_steps is not None else []),
             "--log-every", "1", "--checkpoint-every", str(max(1, args.avit_steps // 2))]
 
 
@@ -248,6 +249,9 @@ def main() -> None:
     p.add_argument("--avit-local", type=int, default=2, help="local crops per image")
     p.add_argument("--avit-head-dim", type=int, default=4096)
     p.add_argument("--avit-batch-size", type=int, default=16)
+    p.add_argument("--avit-lr", type=float, default=0.0005,
+                   help="AdamW base lr per 256 images (docs/avit.md: 5e-4; a short run may want more)")
+    p.add_argument("--avit-warmup-steps", type=int, default=None, help="linear warm-up steps (default: the trainer's 3 epochs)")
     args = parser.parse_args()
     speed(args) if args.mode == "speed" else phantoms(args)
 

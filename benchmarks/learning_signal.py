@@ -54,6 +54,9 @@ POLICIES = ("paper", "ultrasound")
 MASKERS = ("labels", "kmeans", "felzenszwalb")
 ALL_ARMS = ("random", "byol", *(f"anaus-{p}-{m}" for p in POLICIES for m in MASKERS))
 KEY_ARMS = ("random", "byol", "anaus-paper-labels", "anaus-ultrasound-labels")
+PROBES = ("regions", "image")
+PROBE_TITLES = {"regions": "region probe (features pooled in each structure)",
+                "image": "image probe (global pooled, dominant kind)"}
 
 
 def arm_settings(arm: str) -> tuple[str, dict]:
@@ -109,31 +112,42 @@ def prepare(args) -> None:
 # ------------------------------------------------------------------------------------------------
 
 class GeometryEvaluator:
-    """The online evaluation on each geometry's held-apart set: ``eval_<geometry>_knn_top1`` /
-    ``_linear_acc`` per geometry and their means as ``eval_knn_top1`` / ``eval_linear_acc``."""
+    """The online evaluation on each geometry's held-apart set with each probe (``PROBES``):
+    ``regions`` (features pooled inside every structure and the tissue around them, the issue's
+    protocol) and ``image`` (global pooled features, class = dominant structure kind). Keys:
+    ``eval_<probe>_<geometry>_knn_top1`` / ``_linear_acc``, their means over geometries as
+    ``eval_<probe>_knn_top1`` / ``_linear_acc``, and the primary (first) probe's means as
+    ``eval_knn_top1`` / ``eval_linear_acc`` (what the trainer draws)."""
 
     def __init__(self, work: Path, args) -> None:
         from anaus_core.evaluate.online import OnlineEvalConfig, OnlineEvaluator
         from pipeline.frame_reader import IngestFrameReader
 
+        self.probes = list(args.probes)
         self.evaluators = {}
-        for geometry in GEOMETRIES:
-            config = OnlineEvalConfig(data=str(work / "tasks" / geometry / "classification"), every=args.eval_every,
-                                      max_images=args.eval_count, folds=args.folds, seed=0)
-            self.evaluators[geometry] = OnlineEvaluator(config, reader=IngestFrameReader(), image_size=args.size)
+        for probe, geometry in itertools.product(self.probes, GEOMETRIES):
+            layout = "regions" if probe == "regions" else "classification"
+            config = OnlineEvalConfig(data=str(work / "tasks" / geometry / layout), every=args.eval_every,
+                                      task=layout, max_images=args.eval_count, folds=args.folds, seed=0)
+            self.evaluators[(probe, geometry)] = OnlineEvaluator(config, reader=IngestFrameReader(), image_size=args.size)
 
     def evaluate(self, encoder) -> dict[str, float]:
         record: dict[str, float] = {}
-        for geometry, evaluator in self.evaluators.items():
+        for (probe, geometry), evaluator in self.evaluators.items():
             for key, value in evaluator.evaluate(encoder).items():
-                record[key.replace("eval_", f"eval_{geometry}_", 1)] = value
+                record[key.replace("eval_", f"eval_{probe}_{geometry}_", 1)] = value
+        for probe, metric in itertools.product(self.probes, ("knn_top1", "linear_acc")):
+            record[f"eval_{probe}_{metric}"] = float(np.mean([record[f"eval_{probe}_{g}_{metric}"] for g in GEOMETRIES]))
         for metric in ("knn_top1", "linear_acc"):
-            record[f"eval_{metric}"] = float(np.mean([record[f"eval_{g}_{metric}"] for g in GEOMETRIES]))
+            record[f"eval_{metric}"] = record[f"eval_{self.probes[0]}_{metric}"]
         return record
 
-    def fold_accuracies(self, encoder) -> dict[str, dict[str, list[float]]]:
-        """{geometry: {"knn": [per fold], "linear": [per fold]}} of ``encoder``."""
-        return {geometry: evaluator.fold_accuracies(encoder) for geometry, evaluator in self.evaluators.items()}
+    def fold_accuracies(self, encoder) -> dict[str, dict[str, dict[str, list[float]]]]:
+        """{probe: {geometry: {"knn": [per fold], "linear": [per fold]}}} of ``encoder``."""
+        out: dict = {}
+        for (probe, geometry), evaluator in self.evaluators.items():
+            out.setdefault(probe, {})[geometry] = evaluator.fold_accuracies(encoder)
+        return out
 
 
 def pretrain_config(args, shards: Path, arm: str, seed: int):
@@ -178,8 +192,9 @@ def train_arm(args, arm: str, seed: int, evaluator: GeometryEvaluator) -> dict:
               "folds": folds, "seconds": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
     out.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(record, indent=1))
-    print(f"{arm} seed {seed}: linear {curve[-1]['eval_linear_acc']:.3f} knn {curve[-1]['eval_knn_top1']:.3f} "
-          f"({record['seconds']:.0f} s)", flush=True)
+    print(f"{arm} seed {seed}: " + ", ".join(f"{probe} linear {curve[-1][f'eval_{probe}_linear_acc']:.3f} knn "
+                                             f"{curve[-1][f'eval_{probe}_knn_top1']:.3f}" for probe in evaluator.probes)
+          + f" ({record['seconds']:.0f} s)", flush=True)
     return record
 
 
@@ -193,7 +208,7 @@ def train(args) -> None:
 # 3. report
 # ------------------------------------------------------------------------------------------------
 
-def _paired(records: dict, a: str, b: str, protocol: str, seeds: list[int]) -> dict | None:
+def _paired(records: dict, a: str, b: str, probe: str, protocol: str, seeds: list[int]) -> dict | None:
     from anaus_core.evaluate.metrics.paired_test import paired_wilcoxon
 
     xs, ys = [], []
@@ -202,10 +217,10 @@ def _paired(records: dict, a: str, b: str, protocol: str, seeds: list[int]) -> d
         if ra is None or rb is None:
             return None
         for geometry in GEOMETRIES:
-            xs += ra["folds"][geometry][protocol]
-            ys += rb["folds"][geometry][protocol]
-    return {"a": a, "b": b, "protocol": protocol, "mean_a": float(np.mean(xs)), "mean_b": float(np.mean(ys)),
-            **paired_wilcoxon(np.array(xs), np.array(ys))}
+            xs += ra["folds"][probe][geometry][protocol]
+            ys += rb["folds"][probe][geometry][protocol]
+    return {"a": a, "b": b, "probe": probe, "protocol": protocol, "mean_a": float(np.mean(xs)),
+            "mean_b": float(np.mean(ys)), **paired_wilcoxon(np.array(xs), np.array(ys))}
 
 
 def report(args) -> dict:
@@ -222,13 +237,15 @@ def report(args) -> dict:
             records[(record["arm"], record["seed"])] = record
     arms = [arm for arm in args.arms if any((arm, s) in records for s in args.seeds)]
     seeds = [s for s in args.seeds if all((arm, s) in records for arm in arms)]
+    probes = [p for p in args.probes if all(p in records[(arm, s)]["folds"] for arm in arms for s in seeds)]
     table = []
-    for arm in arms:
+    for probe, arm in itertools.product(probes, arms):
         finals = [records[(arm, s)] for s in seeds]
-        row = {"arm": arm, "seeds": len(finals), "steps": finals[0]["steps"] if finals else 0}
+        row = {"probe": probe, "arm": arm, "seeds": len(finals), "steps": finals[0]["steps"] if finals else 0}
         for protocol in ("linear", "knn"):
             for geometry in GEOMETRIES:
-                row[f"{protocol}_{geometry}"] = float(np.mean([np.mean(r["folds"][geometry][protocol]) for r in finals]))
+                row[f"{protocol}_{geometry}"] = float(np.mean([np.mean(r["folds"][probe][geometry][protocol])
+                                                               for r in finals]))
             row[protocol] = float(np.mean([row[f"{protocol}_{g}"] for g in GEOMETRIES]))
         row["seconds"] = float(np.mean([r["seconds"] for r in finals]))
         table.append(row)
@@ -236,20 +253,20 @@ def report(args) -> dict:
     for masker in MASKERS:
         if f"anaus-ultrasound-{masker}" in arms and f"anaus-paper-{masker}" in arms:
             pairs.append((f"anaus-ultrasound-{masker}", f"anaus-paper-{masker}"))
-    tests = [t for a, b in pairs for protocol in ("linear", "knn") if (t := _paired(records, a, b, protocol, seeds))]
+    tests = [t for probe in probes for a, b in pairs for protocol in ("linear", "knn")
+             if (t := _paired(records, a, b, probe, protocol, seeds))]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
-    for ax, (key, title) in zip(axes[0], (("eval_linear_linear_acc", "linear probe, linear-array phantoms"),
-                                          ("eval_sector_linear_acc", "linear probe, sector phantoms"),
-                                          ("eval_knn_top1", "kNN top-1 (mean of both geometries)"))):
+    panels = [(f"eval_{probe}_{g}_linear_acc", f"{PROBE_TITLES[probe]}\nlinear probe, {g} phantoms")
+              for probe in probes for g in GEOMETRIES]
+    fig, axes = plt.subplots(len(probes), len(GEOMETRIES), figsize=(6 * len(GEOMETRIES), 4 * len(probes)), squeeze=False)
+    for ax, (key, title) in zip(axes.ravel(), panels):
         for arm in arms:
             curves = [records[(arm, s)]["curve"] for s in seeds]
-            steps = sorted({p["step"] for c in curves for p in c})
             if arm == "random":
-                steps = [0, max(args.steps, 1)]
-                values = [float(np.mean([c[0][key] for c in curves]))] * 2
-                ax.plot(steps, values, "k--", label="random init")
+                value = float(np.mean([c[0][key] for c in curves]))
+                ax.plot([0, max(args.steps, 1)], [value, value], "k--", label="random init")
                 continue
+            steps = sorted({p["step"] for c in curves for p in c})
             means = [float(np.mean([p[key] for c in curves for p in c if p["step"] == step])) for step in steps]
             ax.plot(steps, means, marker="o", label=arm)
         ax.set_xlabel("pre-training step")
@@ -267,25 +284,30 @@ def report(args) -> dict:
         Path(args.figure).write_bytes(curve_path.read_bytes())
 
     lines = [f"seeds {seeds}, {args.steps} steps, batch {args.batch_size}, {args.size} px phantoms, "
-             f"{args.view_size} px views, {args.folds} folds", "",
-             "| arm | steps | linear (lin. / sector / mean) | kNN (lin. / sector / mean) | s per run |", "|---|---|---|---|---|"]
-    for row in table:
-        lines.append(f"| {row['arm']} | {row['steps']} | {row['linear_linear']:.3f} / {row['linear_sector']:.3f} / "
-                     f"**{row['linear']:.3f}** | {row['knn_linear']:.3f} / {row['knn_sector']:.3f} / **{row['knn']:.3f}** | "
-                     f"{row['seconds']:.0f} |")
+             f"{args.view_size} px views, {args.folds} folds", ""]
+    for probe in probes:
+        lines += [f"{PROBE_TITLES[probe]}:", "",
+                  "| arm | steps | linear (lin. / sector / mean) | kNN (lin. / sector / mean) | s per run |",
+                  "|---|---|---|---|---|"]
+        for row in (r for r in table if r["probe"] == probe):
+            lines.append(f"| {row['arm']} | {row['steps']} | {row['linear_linear']:.3f} / {row['linear_sector']:.3f} / "
+                         f"**{row['linear']:.3f}** | {row['knn_linear']:.3f} / {row['knn_sector']:.3f} / "
+                         f"**{row['knn']:.3f}** | {row['seconds']:.0f} |")
+        lines.append("")
     majority = {}
     for geometry in GEOMETRIES:
         counts = [len(list(d.iterdir())) for d in (work / "tasks" / geometry / "classification").iterdir() if d.is_dir()]
         majority[geometry] = max(counts) / sum(counts) if counts else float("nan")
-    lines.append(f"| (majority class) | – | {majority['linear']:.3f} / {majority['sector']:.3f} / "
-                 f"{np.mean(list(majority.values())):.3f} | same | – |")
-    lines += ["", "| a − b | probe | mean a | mean b | median diff | n | p (Wilcoxon) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"image probe, majority class: {majority['linear']:.3f} / {majority['sector']:.3f} / "
+              f"{np.mean(list(majority.values())):.3f}", ""]
+    lines += ["| probe | a − b | protocol | mean a | mean b | median diff | n | p (Wilcoxon) |",
+              "|---|---|---|---|---|---|---|---|"]
     for t in tests:
-        lines.append(f"| {t['a']} − {t['b']} | {t['protocol']} | {t['mean_a']:.3f} | {t['mean_b']:.3f} | "
+        lines.append(f"| {t['probe']} | {t['a']} − {t['b']} | {t['protocol']} | {t['mean_a']:.3f} | {t['mean_b']:.3f} | "
                      f"{t['median_difference']:+.3f} | {t['n']} | {t['p_value']:.3g} |")
     (work / "report.md").write_text("\n".join(lines) + "\n")
-    results = {"seeds": seeds, "arms": arms, "table": table, "tests": tests, "majority": majority, "figure": str(curve_path),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("stage",)}}
+    results = {"seeds": seeds, "arms": arms, "probes": probes, "table": table, "tests": tests, "majority": majority,
+               "figure": str(curve_path), "settings": {k: v for k, v in vars(args).items() if k not in ("stage",)}}
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print("\n".join(lines), flush=True)
     return results
@@ -297,6 +319,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=("prepare", "train", "report", "all"), default="all")
     parser.add_argument("--arms", nargs="+", default=list(KEY_ARMS), help=f"from {', '.join(ALL_ARMS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES),
+                        help="region probe (pooled in each structure) and/or image probe; the first is the primary")
     parser.add_argument("--size", type=int, default=64, help="phantom and evaluation image side")
     parser.add_argument("--view-size", type=int, default=64, help="pre-training view side (multiple of 32)")
     parser.add_argument("--steps", type=int, default=100)

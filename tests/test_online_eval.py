@@ -171,7 +171,7 @@ def test_cli_eval_options_and_bad_eval_folder(tmp_path):
     from cli import app
 
     result = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "200"})
-    assert "--eval-data" in result.output and "--eval-every" in result.output
+    assert "--eval-data" in result.output and "--eval-every" in result.output and "--eval-task" in result.output
     (tmp_path / "shards").mkdir()
     result = CliRunner().invoke(app, ["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "r"),
                                       "--eval-data", str(tmp_path / "missing"), "--steps", "1", "--device", "cpu"])
@@ -188,14 +188,18 @@ def test_learning_signal_benchmark_end_to_end_toy(tmp_path):
                     "--eval-every", "1", "--batch-size", "4", "--pretrain-count", "12", "--eval-count", "16",
                     "--folds", "2", "--seeds", "0", "--arms", "random", "byol", "anaus-ultrasound-labels",
                     "--figure", str(tmp_path / "curve.png")])
-    assert [row["arm"] for row in results["table"]] == ["random", "byol", "anaus-ultrasound-labels"]
+    assert results["probes"] == ["regions", "image"]
+    assert [(row["probe"], row["arm"]) for row in results["table"]] == [
+        (probe, arm) for probe in ("regions", "image") for arm in ("random", "byol", "anaus-ultrasound-labels")]
     assert (tmp_path / "curve.png").stat().st_size > 10_000 and (tmp_path / "ls" / "report.md").exists()
     curve = json.loads((tmp_path / "ls" / "runs" / "byol-s0" / "result.json").read_text())["curve"]
     assert [point["step"] for point in curve] == [0, 1, 2]
     random_run = json.loads((tmp_path / "ls" / "runs" / "random-s0" / "result.json").read_text())
-    assert curve[0]["eval_linear_acc"] == random_run["curve"][0]["eval_linear_acc"]  # same initialisation
-    pairs = {(t["a"], t["b"], t["protocol"]) for t in results["tests"]}
-    assert ("anaus-ultrasound-labels", "byol", "linear") in pairs and ("byol", "random", "knn") in pairs
+    for key in ("eval_regions_linear_acc", "eval_image_knn_top1"):
+        assert curve[0][key] == random_run["curve"][0][key]  # same initialisation
+    assert curve[0]["eval_linear_acc"] == curve[0]["eval_regions_linear_acc"]  # the primary probe
+    pairs = {(t["probe"], t["a"], t["b"], t["protocol"]) for t in results["tests"]}
+    assert ("regions", "anaus-ultrasound-labels", "byol", "linear") in pairs and ("image", "byol", "random", "knn") in pairs
     assert all(t["n"] == 2 * 2 for t in results["tests"])  # folds x geometries x seeds
 
 

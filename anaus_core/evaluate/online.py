@@ -1,6 +1,11 @@
 """Online evaluation during pre-training: a frozen-feature kNN and linear probe on a small
 labelled validation set, every ``eval.every`` optimiser steps (lightly / solo-learn style).
 
+Two tasks: ``classification`` (one label per image, global pooled features) and ``regions``
+(the segmentation layout; one sample per image and labelled class, features pooled inside the
+class's pixels, ``anaus_core.evaluate.regions``; folds over images, so an image's regions are
+never split between fitting and scoring).
+
 Built on the evaluation library: the data is the ``anaus evaluate`` classification layout read by
 ``datasets.load_classification`` through the injected ``FrameReader``; items are grouped by
 ``groups.assign_groups`` and split by ``folds.make_folds`` (grouped, stratified k-fold with an inner
@@ -26,13 +31,16 @@ from torch import Tensor, nn
 
 from anaus_core.errors import UserInputError
 from anaus_core.evaluate.config import LinearConfig
-from anaus_core.evaluate.datasets import EvalDataset, load_classification
+from anaus_core.evaluate.datasets import EvalDataset, load_classification, load_segmentation
 from anaus_core.evaluate.features import extract_features
 from anaus_core.evaluate.folds import Fold, make_folds
 from anaus_core.evaluate.groups import assign_groups
 from anaus_core.evaluate.knn import knn_class_scores
 from anaus_core.evaluate.linear import train_linear_grid
 from anaus_core.evaluate.reader import FrameReader
+from anaus_core.evaluate.regions import region_features
+
+TASKS = ("classification", "regions")
 
 
 def _online_linear() -> LinearConfig:
@@ -44,7 +52,10 @@ def _online_linear() -> LinearConfig:
 class OnlineEvalConfig:
     """``eval`` section of ``PretrainConfig``. Off while ``data`` is empty.
 
-    ``data``: class-per-folder labelled images (the ``anaus evaluate`` classification layout).
+    ``data``: class-per-folder labelled images (the ``anaus evaluate`` classification layout), or
+    for ``task: regions`` the segmentation layout (``dataset.yaml`` + images + label maps).
+    ``task``: ``classification`` (one class per image) or ``regions`` (one sample per labelled
+    class in each image, mask-pooled features).
     ``every``: optimiser steps between evaluations (0 = only at the end of the run).
     ``max_images``: at most this many images are used (stratified draw with ``seed``).
     ``image_size``: network input side (None = ``views.size``).
@@ -54,6 +65,7 @@ class OnlineEvalConfig:
     """
 
     data: str = ""
+    task: str = "classification"
     every: int = 500
     max_images: int = 512
     image_size: int | None = None
@@ -72,6 +84,8 @@ class OnlineEvalConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for an out-of-range setting."""
+        if self.task not in TASKS:
+            raise ValueError(f"eval.task: one of {', '.join(TASKS)}, got {self.task!r}")
         if self.every < 0:
             raise ValueError(f"eval.every: must be >= 0, got {self.every}")
         if self.folds < 2:
@@ -142,20 +156,32 @@ class OnlineEvaluator:
         self.config = config
         self.image_size = int(config.image_size or image_size)
         self.device = torch.device(device)
-        dataset = load_classification(config.data, reader=reader, image_size=self.image_size, folds=config.folds,
-                                      progress=progress)
-        labels = np.array([int(item.target) for item in dataset.items])
-        keep = stratified_subset(labels, max_items=config.max_images, seed=config.seed)
+        if config.task == "regions":
+            dataset = load_segmentation(config.data, reader=reader, image_size=self.image_size, progress=progress)
+        else:
+            dataset = load_classification(config.data, reader=reader, image_size=self.image_size, folds=config.folds,
+                                          progress=progress)
+        keep = stratified_subset(dataset.strata, max_items=config.max_images, seed=config.seed)
         dataset.items = [dataset.items[i] for i in keep]
         self.warnings = list(dataset.warnings)
         self.warnings += assign_groups(dataset, rule=config.group_by)
         self.dataset: EvalDataset = dataset
         self.images = np.stack([item.image for item in dataset.items])
-        self.labels = np.array([int(item.target) for item in dataset.items])
-        counts = np.bincount(self.labels, minlength=len(dataset.class_names))
+        if config.task == "regions":
+            self.label_maps = [np.asarray(item.target) for item in dataset.items]
+            # a class counts once per image that holds it: folds are drawn over images
+            counts = np.zeros(len(dataset.class_names), dtype=np.int64)
+            for label in self.label_maps:
+                present = np.unique(label)
+                counts[present[present > 0] - 1] += 1
+            what = "image(s) holding it"
+        else:
+            self.labels = np.array([int(item.target) for item in dataset.items])
+            counts = np.bincount(self.labels, minlength=len(dataset.class_names))
+            what = "image(s)"
         if counts.min() < config.folds:
             short = dataset.class_names[int(counts.argmin())]
-            raise UserInputError(f"{config.data}: class {short!r} keeps {counts.min()} image(s) of the eval.max_images "
+            raise UserInputError(f"{config.data}: class {short!r} keeps {counts.min()} {what} of the eval.max_images "
                                  f"= {config.max_images} drawn, fewer than eval.folds = {config.folds}")
         self.folds = make_folds(dataset.strata, [item.group for item in dataset.items], k=config.folds,
                                 seed=config.seed, val_fraction=config.val_fraction)
@@ -174,13 +200,35 @@ class OnlineEvaluator:
             for module, training in modes:
                 module.training = training
 
+    def samples(self, encoder: nn.Module) -> tuple[Tensor, np.ndarray, list[Fold]]:
+        """(features (S, D), labels (S,), folds over the samples): the images themselves for
+        ``classification``; for ``regions`` one sample per (image, class), each image's folds
+        mapped onto its regions."""
+        if self.config.task != "regions":
+            return self.features(encoder), self.labels, self.folds
+        modes = [(module, module.training) for module in encoder.modules()]
+        try:
+            features, classes, owners = region_features(encoder, self.images, self.label_maps, device=self.device,
+                                                        batch_size=self.config.batch_size)
+        finally:
+            for module, training in modes:
+                module.training = training
+        by_image = [np.flatnonzero(owners == i) for i in range(len(self.images))]
+
+        def regions_of(images) -> tuple[int, ...]:
+            return tuple(int(r) for i in images for r in by_image[i])
+
+        folds = [Fold(f.index, regions_of(f.train), regions_of(f.val), regions_of(f.test)) for f in self.folds]
+        return features, classes - 1, folds
+
     def fold_accuracies(self, encoder: nn.Module) -> dict[str, list[float]]:
-        """``{"knn": [...], "linear": [...]}``: accuracy on each held-out fold (for paired tests)."""
-        features = self.features(encoder)
-        predictions = fold_predictions(features, self.labels, self.folds, num_classes=self.num_classes,
+        """``{"knn": [...], "linear": [...]}``: accuracy on each held-out fold (over its images, or
+        its regions for ``task: regions``), for paired tests."""
+        features, labels, folds = self.samples(encoder)
+        predictions = fold_predictions(features, labels, folds, num_classes=self.num_classes,
                                        knn_k=self.config.knn_k, knn_temperature=self.config.knn_temperature,
                                        linear=self.config.linear, seed=self.config.seed, device=self.device)
-        return {name: [float((predicted[list(f.test)] == self.labels[list(f.test)]).mean()) for f in self.folds]
+        return {name: [float((predicted[list(f.test)] == labels[list(f.test)]).mean()) for f in folds]
                 for name, predicted in predictions.items()}
 
     def evaluate(self, encoder: nn.Module) -> dict[str, float]:
@@ -191,7 +239,7 @@ class OnlineEvaluator:
         return {
             "eval_knn_top1": float(np.mean(accuracies["knn"])),
             "eval_linear_acc": float(np.mean(accuracies["linear"])),
-            "eval_images": float(len(self.labels)),
+            "eval_images": float(len(self.images)),
             "eval_seconds": time.perf_counter() - started,
         }
 
