@@ -166,3 +166,46 @@ def test_optimizer_choice(anatomy_store):
     config.optim.name = "lars"
     assert isinstance(build_optimizer(method, config, 1e-3), LARS)
     assert PretrainConfig().optim.name == "lars"                              # AnaUS default unchanged
+
+
+def test_weight_decay_schedule_and_frozen_prototype_layer(anatomy_store, tmp_path):
+    """DINO's two schedule details: ``optim.final_weight_decay`` (cosine 0.04 -> 0.4 over the run,
+    decayed groups only) and ``avit.freeze_last_layer_steps`` (the student head's prototype layer
+    gets no update in the first steps, through the trainer's ``before_optimizer_step`` hook)."""
+    import math
+
+    from anaus_core.train.trainer import build_model
+
+    config = _config(anatomy_store, **{"run.steps": 4, "optim.final_weight_decay": 0.4, "avit.freeze_last_layer_steps": 4})
+    initial = build_model(config)
+    result = pretrain(config, tmp_path / "run", data=_source(config))
+    logged = [r["weight_decay"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "weight_decay" in r]
+    # value in force at optimiser step s (0-based), independent of the trainer's helper
+    reference = [0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * s / 3)) for s in range(4)]
+    assert logged == pytest.approx(reference) and logged[0] == pytest.approx(0.04) and logged[-1] == pytest.approx(0.4)
+    frozen = dict(result.model.student_head.last_layer.named_parameters())
+    for name, value in initial.student_head.last_layer.named_parameters():
+        torch.testing.assert_close(frozen[name], value, rtol=0, atol=0)
+    trained_layer = result.model.student_head.layers[0].weight
+    assert not torch.equal(trained_layer, initial.student_head.layers[0].weight)  # the rest of the head trains
+
+    method = build_model(_config(anatomy_store, **{"avit.freeze_last_layer_steps": 1}))
+    for parameter in method.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    method.before_optimizer_step(step=1)                         # past the frozen steps: untouched
+    assert all(p.grad is not None for p in method.student_head.last_layer.parameters())
+    method.before_optimizer_step(step=0)
+    assert all(p.grad is None for p in method.student_head.last_layer.parameters())
+    assert all(p.grad is not None for p in method.student.parameters())
+
+
+def test_schedule_settings_are_checked():
+    from anaus_core.config import ConfigError
+    from anaus_core.train.config import validate_config
+
+    config = load_config(PretrainConfig, None, {**TINY_AVIT, "data.shards": "x", "optim.final_weight_decay": -1.0})
+    with pytest.raises(ConfigError, match="optim.final_weight_decay"):
+        validate_config(config)
+    config = load_config(PretrainConfig, None, {**TINY_AVIT, "data.shards": "x", "avit.freeze_last_layer_steps": -1})
+    with pytest.raises(ConfigError, match="freeze_last_layer_steps"):
+        validate_config(config)

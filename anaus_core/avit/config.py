@@ -58,6 +58,7 @@ class AViTConfig:
     warmup_teacher_temp_fraction: float = 0.1  # of the run's optimiser steps (DINO: 30 of 300 epochs)
     center_momentum: float = 0.9
     ema_base: float = 0.996                    # teacher EMA decay, cosine to 1 (DINO)
+    freeze_last_layer_steps: int = 0           # DINO: the head's prototype layer gets no update for its first epoch
     # MIM
     mask_ratio: float = 0.4                    # fraction of a global crop's patches replaced by the mask token
     decoder_dim: int = 256
@@ -86,6 +87,8 @@ class AViTConfig:
                 raise ConfigError(f"avit.crops.{name}: must be a positive multiple of patch_size {self.patch_size}, got {value}")
         if crops.num_local < 0:
             raise ConfigError(f"avit.crops.num_local: must be >= 0, got {crops.num_local}")
+        if self.freeze_last_layer_steps < 0:
+            raise ConfigError(f"avit.freeze_last_layer_steps: must be >= 0, got {self.freeze_last_layer_steps}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"avit.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.ema_base <= 1.0:

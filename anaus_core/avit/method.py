@@ -243,6 +243,14 @@ class AViTMethod(PretrainMethod):
         out["loss"] = loss
         return out
 
+    def before_optimizer_step(self, *, step: int) -> None:
+        """DINO's ``cancel_gradients_last_layer``: for the first ``freeze_last_layer_steps`` steps the
+        student head's prototype layer gets no gradient (so AdamW leaves it, decay included,
+        untouched), which DINO found to stabilise the start of training."""
+        if step < self.config.freeze_last_layer_steps:
+            for parameter in self.student_head.last_layer.parameters():
+                parameter.grad = None
+
     def after_optimizer_step(self, *, step: int, total_steps: int) -> dict[str, float]:
         """Teacher <- EMA of the student (encoder and head), DINO's cosine momentum."""
         self._total_steps = int(total_steps)

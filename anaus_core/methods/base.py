@@ -47,6 +47,11 @@ class PretrainMethod(torch.nn.Module):
         """Losses of one micro-batch: MUST contain ``"loss"``; other 0-d tensors are logged."""
         raise NotImplementedError
 
+    def before_optimizer_step(self, *, step: int) -> None:
+        """Called once per optimiser step after the gradients are complete (accumulated, all-reduced,
+        clipped) and before ``optimizer.step()`` (e.g. to drop the gradients of a layer kept
+        frozen early in training). Default: nothing."""
+
     def after_optimizer_step(self, *, step: int, total_steps: int) -> dict[str, float]:
         """Teacher/target EMA etc., once per optimiser step; returns values to log."""
         return {}

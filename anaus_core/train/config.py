@@ -39,6 +39,7 @@ class OptimConfig:
 
     base_lr: float = 0.3             # lr = base_lr × batch_size / 256
     weight_decay: float = 1e-6       # not applied to biases and norm parameters
+    final_weight_decay: Optional[float] = None  # cosine from weight_decay to this over the run (DINO: 0.04 -> 0.4); None = constant
     lars_eta: float = 0.001          # LARS trust coefficient; biases and norm params skip LARS
     sgd_momentum: float = 0.9
     warmup_epochs: float = 3.0       # linear warm-up, converted to optimiser steps
@@ -132,6 +133,8 @@ def validate_config(config: PretrainConfig, *, world_size: int = 1) -> None:
         raise ConfigError(f"run.log_every: must be >= 1, got {run.log_every}")
     if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
         raise ConfigError(f"run.keep_last_checkpoints: must be >= 1 (or unset to keep all), got {run.keep_last_checkpoints}")
+    if optim.final_weight_decay is not None and optim.final_weight_decay < 0:
+        raise ConfigError(f"optim.final_weight_decay: must be >= 0, got {optim.final_weight_decay}")
     if not optim.base_lr > 0:
         raise ConfigError(f"optim.base_lr: must be > 0, got {optim.base_lr}")
     if run.checkpoint_every < 0:

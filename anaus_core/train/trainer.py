@@ -180,6 +180,7 @@ def build_optimizer(method, config: PretrainConfig, peak_lr: float):
         exclude = bool(group.pop("lars_exclude", False))
         group["lars_adaptation"] = not exclude
         group.setdefault("weight_decay", 0.0 if exclude else config.optim.weight_decay)
+        group["base_weight_decay"] = group["weight_decay"]  # where optim.final_weight_decay's schedule starts
         groups.append(group)
     if config.optim.name == "adamw":
         # ViT recipe (DINO, iBOT, MAE): AdamW; the groups keep their weight decay, the LARS flag is dropped
@@ -201,6 +202,13 @@ def learning_rate(step: int, schedule: Schedule, config: PretrainConfig) -> floa
 
     return float(cosine_schedule_with_warmup(step, schedule.total_steps, schedule.warmup_steps,
                                              schedule.peak_lr, config.optim.final_lr))
+
+
+def weight_decay_at(step: int, schedule: Schedule, base: float, final: float) -> float:
+    """``optim.final_weight_decay``'s schedule (DINO's ``cosine_scheduler`` for the decay): a cosine
+    over the run's optimiser steps from ``base`` at step 0 to ``final`` at the last step, no warm-up."""
+    progress = step / max(1, schedule.total_steps - 1)
+    return float(final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def unwrap(model):
@@ -431,10 +439,17 @@ def _pretrain(config: PretrainConfig, run_dir: Path, *, data: PretrainDataSource
                 lr = learning_rate(step, schedule, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                    # (a checkpoint from before the schedule existed has no base_weight_decay)
+                    base_decay = group.setdefault("base_weight_decay", group["weight_decay"])
+                    if config.optim.final_weight_decay is not None and base_decay > 0:
+                        group["weight_decay"] = weight_decay_at(step, schedule, base_decay, config.optim.final_weight_decay)
                 if config.optim.grad_clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+                model.before_optimizer_step(step=step)
                 optimizer.step()
                 method_logs = model.after_optimizer_step(step=step, total_steps=schedule.total_steps)
+                if config.optim.final_weight_decay is not None:
+                    method_logs = {**method_logs, "weight_decay": max(g["weight_decay"] for g in optimizer.param_groups)}
                 step += 1
                 window.add_step(global_images_per_step)
                 progress.advance(step, window)
