@@ -82,7 +82,12 @@ def fit_pretrain_to_machine(config: Any, *, corpus_samples: int, stored_size: in
         notes.append(f"warning: --batch-size {data.batch_size} exceeds the {corpus_samples} samples in the shards; "
                      f"using {fitted} (lr scales with the batch)")
         data = dataclasses.replace(data, batch_size=fitted)
-    if stored_size is not None and views.size > stored_size:
-        notes.append(f"warning: --crop-size {views.size} is larger than the stored images ({stored_size} px); "
-                     "views are upsampled (pass a smaller --crop-size, or precompute with a larger --stored-size)")
+    if getattr(config, "method", "anaus") == "avit":
+        # A-ViT draws its own multi-crop views; --crop-size (views.size) is AnaUS-only
+        crop, option = config.avit.crops.global_size, "avit.crops.global_size"
+    else:
+        crop, option = views.size, "--crop-size"
+    if stored_size is not None and crop > stored_size:
+        notes.append(f"warning: {option} {crop} is larger than the stored images ({stored_size} px); "
+                     f"views are upsampled (pass a smaller {option}, or precompute with a larger --stored-size)")
     return dataclasses.replace(config, data=data), notes

@@ -399,6 +399,13 @@ def test_defaults_fit_the_machine_and_the_corpus():
     assert "--crop-size 224 is larger than the stored images (48 px)" in notes[2]
     same, none = fit_pretrain_to_machine(PretrainConfig(), corpus_samples=10_000, stored_size=256, cpu_count=64)
     assert same == PretrainConfig() and none == []
+    # A-ViT's views are its multi-crop global crops, not --crop-size
+    avit = PretrainConfig(method="avit")
+    avit.avit.crops.global_size = 64
+    assert fit_pretrain_to_machine(avit, corpus_samples=10_000, stored_size=64, cpu_count=64)[1] == []
+    avit.avit.crops.global_size = 96
+    (note,) = fit_pretrain_to_machine(avit, corpus_samples=10_000, stored_size=64, cpu_count=64)[1]
+    assert "avit.crops.global_size 96 is larger than the stored images (64 px)" in note
     with pytest.raises(UserInputError, match="fewer than world size"):
         fit_pretrain_to_machine(PretrainConfig(), corpus_samples=1, stored_size=48, cpu_count=2, world_size=2)
 
