@@ -12,23 +12,29 @@ be trained by several processes side by side and reported together):
 2. ``train``: for every arm x seed, ``anaus_core.train.pretrain`` with the online evaluation
    (``anaus_core.evaluate.online``: frozen-feature weighted kNN + linear probe, grouped k folds,
    never trained or selected on the scored fold) on each geometry's held-apart set every
-   ``--eval-every`` steps -> a curve of probe accuracy over training steps; step 0 is the
-   arm's random initialisation (same seed). The final encoder's per-fold accuracies are kept
-   for the paired tests. Arms:
+   ``--eval-every`` steps, with each probe (``--probes``): ``regions`` (features pooled inside
+   every structure and the tissue around them, classes = structure kind + tissue; the issue's
+   protocol) and ``image`` (global pooled features, class = dominant structure kind) -> curves of
+   probe accuracy over training steps; step 0 is the arm's random initialisation (same seed). The
+   final encoder's per-fold accuracies are kept for the paired tests. Arms:
 
    * ``random``: the initialisation, not trained (its fold accuracies = every curve's step 0);
    * ``byol``: whole-image BYOL (``model.objective=byol``, ``model.context=false``: one
      whole-image mask per image and scale), the paper's view policy;
    * ``anaus-<policy>-<masks>``: AnaUS (L_ana + L_ctx) with ``augment.policy`` ``paper`` or
      ``ultrasound`` on ``labels`` / ``kmeans`` / ``felzenszwalb`` shards.
-3. ``report``: mean curves (PNG), a table of final accuracies, and paired two-sided Wilcoxon
-   signed-rank tests (``anaus_core.evaluate.metrics.paired_test``, scipy) over folds x seeds x
-   geometries between arms; written as ``report.md`` + ``results.json`` into ``--work``.
+3. ``report``: mean curves (PNG), a table of final accuracies per probe, and paired two-sided
+   Wilcoxon signed-rank tests (``anaus_core.evaluate.metrics.paired_test``, scipy) over folds x
+   seeds x geometries between arms; written as ``report.md`` + ``results.json`` into ``--work``.
 
-Run (the reduced grid of docs/benchmarks.md):
+Run (the grid of docs/benchmarks.md; one ``train`` process per seed, side by side):
 
-    OMP_NUM_THREADS=1 python3 benchmarks/learning_signal.py --work /tmp/ls --stage all \\
-        --arms random byol anaus-paper-labels anaus-ultrasound-labels --seeds 0 1 --steps 100 --eval-every 25
+    OMP_NUM_THREADS=1 python3 benchmarks/learning_signal.py --work /tmp/ls --stage prepare --size 64 \
+        --pretrain-count 160 --eval-count 80
+    OMP_NUM_THREADS=1 python3 benchmarks/learning_signal.py --work /tmp/ls --stage train --size 64 --view-size 64 \
+        --steps 1000 --eval-every 100 --eval-count 80 --seeds 0 --arms random byol anaus-paper-labels anaus-ultrasound-labels
+    python3 benchmarks/learning_signal.py --work /tmp/ls --stage report --steps 1000 --eval-count 80 --seeds 0 1 2 \
+        --arms random byol anaus-paper-labels anaus-ultrasound-labels --figure docs/img/learning_signal.png
 
 Scale it with ``--steps``, ``--size``/``--view-size``, ``--batch-size``, ``--seeds``, ``--arms``,
 ``--pretrain-count``/``--eval-count``.
