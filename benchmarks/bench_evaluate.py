@@ -18,10 +18,16 @@
    wd 0.04). ``random_vit`` is that ViT untrained (seed 0). ``--anaus-encoder`` evaluates an
    existing AnaUS encoder instead of training one.
 
+3. ``regions``: the region probe (features pooled inside each structure and the tissue around
+   it; the online evaluation's ``task: regions``) of given encoders on a ``phantoms`` work dir's
+   held-apart phantoms, with paired tests over images.
+
 Run:  python3 benchmarks/bench_evaluate.py speed [--device cuda]
       python3 benchmarks/bench_evaluate.py phantoms --work /tmp/phantom-eval [--steps 300]
       python3 benchmarks/bench_evaluate.py phantoms --work /tmp/avit-eval \
           --arms anaus,avit,avit_noacdt,random,random_vit --avit-steps 60 [--anaus-encoder ENC.pt] [--no-segmentation]
+      python3 benchmarks/bench_evaluate.py regions --work /tmp/avit-eval --encoder anaus=/tmp/avit-eval/anaus/encoder.pt \
+          --encoder avit=/tmp/avit-eval/avit/encoder.pt --encoder random
 """
 
 from __future__ import annotations
@@ -222,6 +228,56 @@ def phantoms(args) -> None:
           + (f", {work / 'eval_segmentation' / 'results.md'}" if args.segmentation else ""), file=log, flush=True)
 
 
+def regions(args) -> dict:
+    """The region probe (``anaus_core.evaluate.regions`` through the online evaluator's
+    ``task: regions``) of every ``--encoder`` on ``WORK/heldapart``'s phantoms: features pooled
+    inside each structure and the tissue around them, classes = structure kind + tissue, 5 folds
+    over images, out-of-fold kNN and linear predictions; paired two-sided Wilcoxon tests over
+    images (each image's share of correctly classified regions). Writes ``WORK/regions.md`` and
+    ``WORK/regions.json``."""
+    from itertools import combinations
+
+    from anaus_core.evaluate.backbones import build_backbone
+    from anaus_core.evaluate.encoders import load_encoder, parse_encoder_option
+    from anaus_core.evaluate.metrics.paired_test import paired_wilcoxon
+    from anaus_core.evaluate.online import OnlineEvalConfig, OnlineEvaluator
+    from anaus_core.evaluate.phantom_tasks import write_phantom_tasks
+    from pipeline.frame_reader import IngestFrameReader
+
+    work = Path(args.work)
+    tasks = write_phantom_tasks(work / "heldapart", work / "tasks_regions", min_per_class=args.folds + 2)
+    config = OnlineEvalConfig(data=str(tasks["regions"]), task="regions", max_images=100_000, folds=args.folds, seed=0)
+    evaluator = OnlineEvaluator(config, reader=IngestFrameReader(), image_size=args.size)
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    rows = []
+    for option in args.encoder:
+        spec = parse_encoder_option(option)
+        torch.manual_seed(0)  # the random baseline's initialisation
+        predictions = evaluator.predictions(build_backbone(load_encoder(spec)))
+        images = np.unique(predictions["image"])
+        per_image[spec.name] = {
+            probe: np.array([float((predictions[probe][predictions["image"] == i]
+                                    == predictions["label"][predictions["image"] == i]).mean()) for i in images])
+            for probe in ("linear", "knn")}
+        rows.append({"encoder": spec.name, "regions": int(len(predictions["label"])), "images": int(len(images)),
+                     **{probe: float((predictions[probe] == predictions["label"]).mean()) for probe in ("linear", "knn")}})
+        print(f"{spec.name}: region linear {rows[-1]['linear']:.3f} knn {rows[-1]['knn']:.3f}", flush=True)
+    tests = [{"a": a, "b": b, "probe": probe, **paired_wilcoxon(per_image[a][probe], per_image[b][probe])}
+             for a, b in combinations(per_image, 2) for probe in ("linear", "knn")]
+    lines = [f"region probe on {work / 'heldapart'}: {rows[0]['images']} images, {rows[0]['regions']} regions, "
+             f"classes {evaluator.dataset.class_names}, {args.folds} folds over images", "",
+             "| encoder | linear accuracy | kNN accuracy |", "|---|---|---|"]
+    lines += [f"| {r['encoder']} | {r['linear']:.3f} | {r['knn']:.3f} |" for r in rows]
+    lines += ["", "| a − b | probe | n images | median diff. | p (Wilcoxon) |", "|---|---|---|---|---|"]
+    lines += [f"| {t['a']} − {t['b']} | {t['probe']} | {t['n']} | {t['median_difference']:+.3f} | {t['p_value']:.3g} |"
+              for t in tests]
+    (work / "regions.md").write_text("\n".join(lines) + "\n")
+    result = {"rows": rows, "tests": tests, "classes": evaluator.dataset.class_names}
+    (work / "regions.json").write_text(json.dumps(result, indent=1))
+    print("\n".join(lines), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -252,8 +308,13 @@ def main() -> None:
     p.add_argument("--avit-lr", type=float, default=0.0005,
                    help="AdamW base lr per 256 images (docs/avit.md: 5e-4; a short run may want more)")
     p.add_argument("--avit-warmup-steps", type=int, default=None, help="linear warm-up steps (default: the trainer's 3 epochs)")
+    r = sub.add_parser("regions", help="region probe of --encoder NAME=PATH / random on WORK/heldapart")
+    r.add_argument("--work", required=True)
+    r.add_argument("--encoder", action="append", required=True)
+    r.add_argument("--size", type=int, default=64)
+    r.add_argument("--folds", type=int, default=5)
     args = parser.parse_args()
-    speed(args) if args.mode == "speed" else phantoms(args)
+    {"speed": speed, "phantoms": phantoms, "regions": regions}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -113,9 +113,10 @@ def test_online_region_probe_keeps_images_together_and_never_fits_on_the_scored_
     encoder = torchvision.models.resnet18()
     encoder.fc = torch.nn.Identity()
     encoder.train()
-    features, labels, folds = evaluator.samples(encoder)
+    features, labels, folds, owners = evaluator.samples(encoder)
     assert all(m.training for m in encoder.modules())                 # train mode restored
-    _, _, owners = region_features(encoder, evaluator.images, evaluator.label_maps, device=torch.device("cpu"))
+    _, _, independent = region_features(encoder, evaluator.images, evaluator.label_maps, device=torch.device("cpu"))
+    np.testing.assert_array_equal(owners, independent)
     assert len(labels) == len(owners) and set(labels.tolist()) == {0, 1, 2}
     covered = []
     for fold in folds:
@@ -132,6 +133,9 @@ def test_online_region_probe_keeps_images_together_and_never_fits_on_the_scored_
     dirty = fold_predictions(features, poisoned, folds, **common)
     np.testing.assert_array_equal(dirty["knn"][held], clean["knn"][held])
     np.testing.assert_array_equal(dirty["linear"][held], clean["linear"][held])
+    out_of_fold = evaluator.predictions(encoder)
+    np.testing.assert_array_equal(out_of_fold["linear"], clean["linear"])
+    np.testing.assert_array_equal(out_of_fold["image"], owners)
     scores = evaluator.evaluate(encoder)
     assert scores["eval_images"] == 24
     assert scores["eval_knn_top1"] > 0.9 and scores["eval_linear_acc"] > 0.9   # intensity is in any encoder's features

@@ -200,12 +200,12 @@ class OnlineEvaluator:
             for module, training in modes:
                 module.training = training
 
-    def samples(self, encoder: nn.Module) -> tuple[Tensor, np.ndarray, list[Fold]]:
-        """(features (S, D), labels (S,), folds over the samples): the images themselves for
-        ``classification``; for ``regions`` one sample per (image, class), each image's folds
-        mapped onto its regions."""
+    def samples(self, encoder: nn.Module) -> tuple[Tensor, np.ndarray, list[Fold], np.ndarray]:
+        """(features (S, D), labels (S,), folds over the samples, image position of each sample
+        (S,)): the images themselves for ``classification``; for ``regions`` one sample per
+        (image, class), each image's folds mapped onto its regions."""
         if self.config.task != "regions":
-            return self.features(encoder), self.labels, self.folds
+            return self.features(encoder), self.labels, self.folds, np.arange(len(self.labels))
         modes = [(module, module.training) for module in encoder.modules()]
         try:
             features, classes, owners = region_features(encoder, self.images, self.label_maps, device=self.device,
@@ -219,12 +219,21 @@ class OnlineEvaluator:
             return tuple(int(r) for i in images for r in by_image[i])
 
         folds = [Fold(f.index, regions_of(f.train), regions_of(f.val), regions_of(f.test)) for f in self.folds]
-        return features, classes - 1, folds
+        return features, classes - 1, folds, owners
+
+    def predictions(self, encoder: nn.Module) -> dict[str, np.ndarray]:
+        """Out-of-fold predictions of every sample: ``{"label", "image", "knn", "linear"}`` (S,)
+        arrays (``image``: the sample's image position, for per-image paired tests)."""
+        features, labels, folds, owners = self.samples(encoder)
+        predicted = fold_predictions(features, labels, folds, num_classes=self.num_classes,
+                                     knn_k=self.config.knn_k, knn_temperature=self.config.knn_temperature,
+                                     linear=self.config.linear, seed=self.config.seed, device=self.device)
+        return {"label": labels, "image": owners, **predicted}
 
     def fold_accuracies(self, encoder: nn.Module) -> dict[str, list[float]]:
         """``{"knn": [...], "linear": [...]}``: accuracy on each held-out fold (over its images, or
         its regions for ``task: regions``), for paired tests."""
-        features, labels, folds = self.samples(encoder)
+        features, labels, folds, _ = self.samples(encoder)
         predictions = fold_predictions(features, labels, folds, num_classes=self.num_classes,
                                        knn_k=self.config.knn_k, knn_temperature=self.config.knn_temperature,
                                        linear=self.config.linear, seed=self.config.seed, device=self.device)
