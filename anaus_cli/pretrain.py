@@ -138,6 +138,10 @@ def online_evaluator(config):
 
     if not config.eval.enabled or int(os.environ.get("RANK", "0")) != 0:
         return None
+    try:
+        config.eval.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     import torch
 
     from anaus_core.evaluate.online import OnlineEvaluator

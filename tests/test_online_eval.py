@@ -176,6 +176,10 @@ def test_cli_eval_options_and_bad_eval_folder(tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "r"),
                                       "--eval-data", str(tmp_path / "missing"), "--steps", "1", "--device", "cpu"])
     assert result.exit_code == 2 and "missing" in result.output and "not found" in result.output
+    (tmp_path / "val").mkdir()
+    result = CliRunner().invoke(app, ["pretrain", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "r2"),
+                                      "--eval-data", str(tmp_path / "val"), "--eval-task", "pixels", "--steps", "1"])
+    assert result.exit_code == 2 and "eval.task" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow
