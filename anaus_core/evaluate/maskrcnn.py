@@ -7,7 +7,6 @@ each class in the label map; predictions are turned back into a per-pixel class 
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import numpy as np
@@ -24,7 +23,7 @@ from anaus_core.evaluate.backbones import ResNetBackbone, set_trainable
 from anaus_core.evaluate.config import FinetuneConfig
 from anaus_core.evaluate.encoders import EncoderWeights
 from anaus_core.evaluate.seg_heads import fpn_channels_of
-from anaus_core.evaluate.segment import SegmentationTraining, mean_foreground_dice
+from anaus_core.evaluate.segment import BestEpoch, SegmentationTraining, mean_foreground_dice
 from anaus_core.evaluate.tensors import autocast, batches, seeded_generator
 from anaus_core.models.resnet_fpn import ARCH_STAGE_CHANNELS
 
@@ -115,7 +114,7 @@ def train_maskrcnn(model: MaskRCNN, *, images: np.ndarray, targets: np.ndarray, 
     generator = seeded_generator(seed)
     instance = [instance_targets(targets[p], num_classes) for p in train]
     select_targets = torch.from_numpy(targets[select])
-    best, best_state, best_epoch, curve = -1.0, None, 0, []
+    best = BestEpoch()
     for epoch in (progress(range(1, config.epochs + 1)) if progress else range(1, config.epochs + 1)):
         model.train()
         _eval_batchnorm(model)
@@ -129,10 +128,5 @@ def train_maskrcnn(model: MaskRCNN, *, images: np.ndarray, targets: np.ndarray, 
             optimizer.step()
         scheduler.step()
         scores = predict_maskrcnn_scores(model, images[select], num_classes=num_classes, device=device)
-        score = mean_foreground_dice(scores, select_targets, num_classes)
-        curve.append(score)
-        if score > best:
-            best, best_epoch = score, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    model.load_state_dict(best_state)
-    return SegmentationTraining(best_epoch, curve)
+        best.update(model, epoch, mean_foreground_dice(scores, select_targets, num_classes))
+    return best.finish(model)

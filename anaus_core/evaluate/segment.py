@@ -38,6 +38,24 @@ class SegmentationTraining:
     selection_curve: list[float]
 
 
+class BestEpoch:
+    """Keeps the weights (a CPU copy) of the epoch with the highest selection score; ``finish``
+    loads them into the model and returns the ``SegmentationTraining`` record."""
+
+    def __init__(self) -> None:
+        self.score, self.epoch, self.state, self.curve = -1.0, 0, None, []
+
+    def update(self, model: nn.Module, epoch: int, score: float) -> None:
+        self.curve.append(score)
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    def finish(self, model: nn.Module) -> SegmentationTraining:
+        model.load_state_dict(self.state)
+        return SegmentationTraining(self.epoch, self.curve)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, *, device: torch.device, batch_size: int) -> Tensor:
     """(N, K+1, S, S) float32 logits on the CPU."""
@@ -69,7 +87,7 @@ def train_segmenter(model: nn.Module, *, images: np.ndarray, targets: np.ndarray
     generator = seeded_generator(seed)
     train_images, train_targets = torch.from_numpy(images[train]), torch.from_numpy(targets[train])
     select_targets = torch.from_numpy(targets[select])
-    best, best_state, best_epoch, curve = -1.0, None, 0, []
+    best = BestEpoch()
     for epoch in (progress(range(1, epochs + 1)) if progress else range(1, epochs + 1)):
         model.train()
         freeze_norm_stats(model)
@@ -86,14 +104,9 @@ def train_segmenter(model: nn.Module, *, images: np.ndarray, targets: np.ndarray
             loss.backward()
             optimizer.step()
         scheduler.step()
-        score = mean_foreground_dice(predict_logits(model, images[select], device=device, batch_size=batch_size),
-                                     select_targets, num_classes)
-        curve.append(score)
-        if score > best:
-            best, best_epoch = score, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    model.load_state_dict(best_state)
-    return SegmentationTraining(best_epoch, curve)
+        best.update(model, epoch, mean_foreground_dice(predict_logits(model, images[select], device=device,
+                                                                    batch_size=batch_size), select_targets, num_classes))
+    return best.finish(model)
 
 
 def upsample_prediction(logits: Tensor, size: tuple[int, int]) -> np.ndarray:
