@@ -402,3 +402,17 @@ def test_cuda_bf16_protocols(cls_data, seg_data, tmp_path):
     seg = _config(seg_data, tmp_path / "s", device="cuda", task="segmentation", folds=2, protocols=["finetune-full"],
                   **{"finetune.epochs": 1})
     assert run_evaluation(seg, [EncoderSpec("random", None)], reader=READER, write_report=False)["runs"][0]["per_image"]["dice"]
+
+
+def test_best_epoch_keeps_the_first_best_weights_as_a_copy():
+    from anaus_core.evaluate.segment import BestEpoch
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    best = BestEpoch()
+    for epoch, (value, score) in enumerate([(1.0, 0.2), (2.0, 0.5), (3.0, 0.5), (4.0, 0.1)]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        best.update(model, epoch, score)
+    record = best.finish(model)
+    assert record.selected_epoch == 1 and record.selection_curve == [0.2, 0.5, 0.5, 0.1]
+    assert torch.equal(model.weight, torch.full((1, 2), 2.0))   # epoch 1's weights, not the later tie's
